@@ -1,0 +1,140 @@
+r"""The SAM perturbation as pure functions of gradients (and, for ASAM, parameters).
+
+For a loss :math:`L(w)` with gradient :math:`g`, the paper's eq. (2) solves the first-order
+inner maximisation :math:`\max_{\|\epsilon\|_p \le \rho} \epsilon^\top g` in closed form:
+
+.. math::
+    \hat\epsilon(w) = \rho \, \mathrm{sign}(g) \, \frac{|g|^{q-1}}{\left(\|g\|_q^q\right)^{1/p}},
+    \qquad \frac1p + \frac1q = 1,
+
+where :math:`(\|g\|_q^q)^{1/p} = \|g\|_q^{q-1}`. For :math:`p = 2` this is :math:`\rho g / \|g\|_2`;
+for :math:`p = \infty` (:math:`q = 1`) it is :math:`\rho\,\mathrm{sign}(g)`.
+
+Adaptive SAM (ASAM, Kwon et al. 2021) solves the same problem in the coordinates
+:math:`\tilde\epsilon = T_w^{-1}\epsilon` with :math:`T_w = |w| + \eta`, which gives
+:math:`\hat\epsilon = \rho\, T_w \,\mathrm{sign}(T_w g)|T_w g|^{q-1} / \|T_w g\|_q^{q-1}`
+(for :math:`p = 2`: :math:`\rho T_w^2 g / \|T_w g\|_2`).
+
+The norm is global: it runs over every tensor passed in, so the caller decides which parameters
+share one ball. Everything here is built from out-of-place ``torch._foreach_*`` ops: one kernel
+launch per op for the whole list, no host synchronisation, and differentiable by autograd (which
+the second-order variant of SAM uses).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Perturbation", "dual_exponent", "global_norm", "adaptive_scale", "perturbation"]
+
+# Smallest norm we divide by: a zero gradient gives a zero perturbation instead of NaN.
+_TINY = 1e-30
+
+
+class Perturbation(NamedTuple):
+    """Result of :func:`perturbation`."""
+
+    eps: list[Tensor]
+    """:math:`\\hat\\epsilon`, one tensor per input gradient."""
+    dual_norm: Tensor
+    """:math:`\\|T g\\|_q` as a 0-dim float32 (or float64) tensor; non-finite when any gradient is."""
+
+
+def dual_exponent(p: float) -> float:
+    """The exponent :math:`q` with :math:`1/p + 1/q = 1` (``p = inf`` gives 1)."""
+    if not p > 1.0:
+        raise ValueError(f"p must be > 1 (p = 1 has no unique maximiser), got {p}")
+    return 1.0 if math.isinf(p) else p / (p - 1.0)
+
+
+def global_norm(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
+    """The ``ord``-norm of the concatenation of ``tensors``, as a 0-dim tensor.
+
+    Accumulates in float32 (float64 if any tensor is float64) whatever the tensors' dtype, and gathers per-device partial norms onto
+    the first tensor's device (no host synchronisation).
+    """
+    if len(tensors) == 0:
+        raise ValueError("global_norm of an empty list")
+    device = tensors[0].device
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = torch._foreach_norm(list(tensors), ord, dtype=dtype)
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), ord)
+
+
+def adaptive_scale(params: Sequence[Tensor], eta: float | Sequence[float] = 0.01) -> list[Tensor]:
+    """ASAM's diagonal :math:`T_w = |w| + \\eta`, one tensor per parameter (``eta`` a float or one per tensor)."""
+    eta = float(eta) if isinstance(eta, int | float) else [float(e) for e in eta]
+    return torch._foreach_add(torch._foreach_abs(list(params)), eta)
+
+
+def perturbation(
+    grads: Sequence[Tensor],
+    rho: float | Sequence[float],
+    p: float = 2.0,
+    scale: Sequence[Tensor | None] | None = None,
+) -> Perturbation:
+    """:math:`\\hat\\epsilon` of eq. (2) for the concatenation of ``grads``.
+
+    Args:
+        grads: gradients :math:`g`, one tensor per parameter.
+        rho: radius :math:`\\rho`, a float or one float per tensor (a per-tensor radius scales that
+            tensor's share of the direction; the direction itself is normalised globally).
+        p: the norm of the ball, ``p > 1`` (``math.inf`` allowed).
+        scale: optional ASAM scale :math:`T_w` per tensor (see :func:`adaptive_scale`); ``None``
+            entries mean :math:`T = 1` for that tensor.
+
+    Returns:
+        The perturbation and the dual norm :math:`\\|T g\\|_q` it was normalised by.
+    """
+    grads = list(grads)
+    if len(grads) == 0:
+        raise ValueError("perturbation of an empty gradient list")
+    q = dual_exponent(p)
+    scaled = _apply_scale(grads, scale)
+    dual_norm = global_norm(scaled, q)
+
+    if q == 2.0:
+        direction = scaled
+    elif q == 1.0:
+        direction = torch._foreach_sign(scaled)
+    else:
+        direction = torch._foreach_mul(
+            torch._foreach_sign(scaled), torch._foreach_pow(torch._foreach_abs(scaled), q - 1.0)
+        )
+    # (||s||_q^q)^(1/p) = ||s||_q^(q-1); for p = inf that is ||s||_1^0 = 1 and the division is a no-op.
+    denominator = dual_norm.pow(q - 1.0).clamp_min(_TINY)
+    if denominator.requires_grad:  # torch 2.13: foreach ops cannot backprop into a tensor scalar
+        eps = [d / denominator for d in direction]
+    else:
+        eps = torch._foreach_div(direction, denominator)
+    eps = _apply_scale(eps, scale)
+    if isinstance(rho, int | float):
+        eps = torch._foreach_mul(eps, float(rho))
+    else:
+        rho = [float(r) for r in rho]
+        if len(rho) != len(grads):
+            raise ValueError(f"got {len(rho)} radii for {len(grads)} gradients")
+        eps = torch._foreach_mul(eps, rho)
+    return Perturbation(eps, dual_norm)
+
+
+def _apply_scale(tensors: list[Tensor], scale: Sequence[Tensor | None] | None) -> list[Tensor]:
+    """Multiply each tensor by its scale; ``None`` (for the list or an entry) leaves it as is."""
+    if scale is None:
+        return tensors
+    scale = list(scale)
+    if len(scale) != len(tensors):
+        raise ValueError(f"got {len(scale)} scales for {len(tensors)} tensors")
+    idx = [i for i, s in enumerate(scale) if s is not None]
+    if len(idx) == len(tensors):
+        return torch._foreach_mul(tensors, scale)
+    out = list(tensors)
+    if idx:
+        for i, t in zip(idx, torch._foreach_mul([tensors[i] for i in idx], [scale[i] for i in idx]), strict=True):
+            out[i] = t
+    return out
