@@ -72,7 +72,9 @@ def test_second_order_term_matches_autograd_through_eps(adaptive):
     names, w = zip(*[(n, q.detach().clone().requires_grad_()) for n, q in model.named_parameters()], strict=True)
     rho, eta = 0.1, 0.01
     g = torch.autograd.grad(_loss_at(model, names, w, x, y), w, create_graph=True)
-    norm = torch.cat([(((t.abs() + eta) if adaptive else 1.0) * gi).flatten() for t, gi in zip(w, g, strict=True)]).norm()
+    norm = torch.cat(
+        [(((t.abs() + eta) if adaptive else 1.0) * gi).flatten() for t, gi in zip(w, g, strict=True)]
+    ).norm()
     eps = [rho * ((t.abs() + eta) ** 2 if adaptive else 1.0) * gi / norm for t, gi in zip(w, g, strict=True)]
     exact = torch.autograd.grad(_loss_at(model, names, [a + b for a, b in zip(w, eps, strict=True)], x, y), w)
 
@@ -263,8 +265,10 @@ def test_adaptive_weights_only_leaves_biases_unscaled():
     opt = SAM(model.parameters(), Recorder, rho=0.05, adaptive=True, adaptive_weights_only=True, model=model)
     opt.first_step()
     got = [p.detach() - b for p, b in zip(params, before, strict=True)]
-    t = [(b.abs() + 0.01) if name.endswith("weight") else torch.ones_like(b)
-         for (name, _), b in zip(model.named_parameters(), before, strict=True)]
+    t = [
+        (b.abs() + 0.01) if name.endswith("weight") else torch.ones_like(b)
+        for (name, _), b in zip(model.named_parameters(), before, strict=True)
+    ]
     norm = torch.cat([(ti * g).flatten() for ti, g in zip(t, grads, strict=True)]).norm()
     for e, ti, g in zip(got, t, grads, strict=True):
         torch.testing.assert_close(e, 0.05 * ti * ti * g / norm, rtol=1e-6, atol=1e-12)

@@ -64,15 +64,21 @@ def test_each_replica_perturbs_with_its_local_gradient():
     for rank in range(WORLD):
         x, y = _data(rank)
         w = [p.detach().clone().requires_grad_() for p in model.parameters()]
-        g = torch.autograd.grad(F.cross_entropy(torch.func.functional_call(model, dict(
-            zip(dict(model.named_parameters()), w, strict=True)), (x,)), y), w)
+        g = torch.autograd.grad(
+            F.cross_entropy(
+                torch.func.functional_call(model, dict(zip(dict(model.named_parameters()), w, strict=True)), (x,)), y
+            ),
+            w,
+        )
         eps = perturbation(list(g), RHO).eps
         shifted = [(a + b).detach().requires_grad_() for a, b in zip(w, eps, strict=True)]
-        loss = F.cross_entropy(torch.func.functional_call(model, dict(
-            zip(dict(model.named_parameters()), shifted, strict=True)), (x,)), y)
+        loss = F.cross_entropy(
+            torch.func.functional_call(model, dict(zip(dict(model.named_parameters()), shifted, strict=True)), (x,)), y
+        )
         grads_at_perturbed.append(torch.autograd.grad(loss, shifted))
-    expected = [p.detach() - LR * (a + b) / WORLD
-                for p, a, b in zip(model.parameters(), *grads_at_perturbed, strict=True)]
+    expected = [
+        p.detach() - LR * (a + b) / WORLD for p, a, b in zip(model.parameters(), *grads_at_perturbed, strict=True)
+    ]
     for rank in range(WORLD):
         for got, want in zip(out[rank], expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -55,8 +55,8 @@ def dual_exponent(p: float) -> float:
 def global_norm(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
     """The ``ord``-norm of the concatenation of ``tensors``, as a 0-dim tensor.
 
-    Accumulates in float32 (float64 if any tensor is float64) whatever the tensors' dtype, and gathers per-device partial norms onto
-    the first tensor's device (no host synchronisation).
+    Accumulates in float32 (float64 if any tensor is float64) whatever the tensors' dtype, and gathers
+    per-device partial norms onto the first tensor's device (no host synchronisation).
     """
     if len(tensors) == 0:
         raise ValueError("global_norm of an empty list")

@@ -1,0 +1,215 @@
+"""Side-by-side timing and accuracy of sharpness.analysis against PyHessian (Yao et al. 2020).
+
+Same model (a small CNN with BatchNorm, eval mode in both, as PyHessian forces), same data, same
+number of Lanczos / power iterations:
+
+* top eigenvalue: PyHessian's power iteration (``eigenvalues(top_n=1)``) against our Lanczos and
+  our power iteration;
+* top-5: PyHessian's power iteration with deflation, ``maxIter`` iterations per eigenvalue,
+  against our Lanczos with the same ``maxIter`` iterations in all;
+* density: PyHessian's SLQ (``density(iter, n_v)``) against ours (same starts and iterations).
+
+``tol`` is 0 for PyHessian so that it runs exactly the iterations asked (its default 1e-3 stops
+earlier and less accurately). Accuracy is measured against a reference from our float64 Lanczos
+with many more iterations, whose Ritz residuals bound its own error (printed).
+
+With ``--batches 1`` PyHessian gets ``data=`` (it keeps one gradient graph and reuses it) and we
+use ``cache_graphs=True`` (the same trick); with more batches PyHessian gets ``dataloader=`` and
+both recompute the forward and double backward per batch per product.
+
+PyHessian 0.1 predates ``torch.eig``'s removal (PyTorch 2.0); its ``density()`` calls it on the
+symmetric tridiagonal matrix. This script installs ``torch.eig`` back, for the run only, as a
+wrapper around ``torch.linalg.eigh`` returning PyHessian's expected ``(values with a zero
+imaginary column, vectors)``. Nothing else of PyHessian is changed.
+
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_hessian.py --device cpu`` (``pip install
+pyhessian==0.1``, the ``bench`` extra); ``--device cuda`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sharpness.analysis import HessianOperator, power_iteration, spectral_density, top_eigenpairs
+
+
+def _eig_shim(matrix: torch.Tensor, eigenvectors: bool = False):
+    """``torch.eig`` as PyHessian calls it: values as an (n, 2) real/imaginary tensor."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return torch.stack([values, torch.zeros_like(values)], dim=1), vectors
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+    )  # fmt: skip
+
+
+def make_data(num_batches: int, batch_size: int, seed: int = 0):
+    """Class-dependent Gaussian images (so a few SGD steps learn something), 3 x 16 x 16."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(10, 3, 16, 16, generator=gen)
+    batches = []
+    for _ in range(num_batches):
+        y = torch.randint(0, 10, (batch_size,), generator=gen)
+        x = centers[y] + 2.0 * torch.randn(batch_size, 3, 16, 16, generator=gen)
+        batches.append((x, y))
+    return batches
+
+
+def train_briefly(model: nn.Module, batches, steps: int = 30) -> None:
+    """A few SGD steps, so that the Hessian has the outliers of a trained network."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    opt.zero_grad(set_to_none=True)
+
+
+def clock(fn: Callable, device: torch.device) -> tuple[float, object]:
+    """Wall time of one call (synchronising the GPU around it) and its result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=20, help="Lanczos / power iterations")
+    parser.add_argument("--slq-iters", type=int, default=30)
+    parser.add_argument("--slq-starts", type=int, default=1)
+    parser.add_argument("--reference-iters", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=str, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    from pyhessian import hessian as PyHessian
+
+    torch.eig = _eig_shim  # type: ignore[attr-defined]  # see the module docstring
+    warnings.filterwarnings("ignore", message=".*create_graph=True.*")
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    data = make_data(args.batches, args.batch_size)
+    model = make_model()
+    train_briefly(model, data)
+    model = model.to(device)
+    data = [(x.to(device), y.to(device)) for x, y in data]
+    num_params = sum(p.numel() for p in model.parameters())
+    single = args.batches == 1
+
+    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    def pyhessian():
+        m = copy.deepcopy(model)
+        kwargs = {"data": data[0]} if single else {"dataloader": data}
+        return PyHessian(m, nn.CrossEntropyLoss(), cuda=device.type == "cuda", **kwargs)
+
+    def ours(dtype=None, cache=None):
+        return HessianOperator(model, loss_fn, data, dtype=dtype, cache_graphs=cache)
+
+    ref = top_eigenpairs(ours(torch.float64), 5, num_iters=args.reference_iters)
+    ref_top = ref.eigenvalues.tolist()
+    print(
+        f"model: small CNN, {num_params} parameters; data: {args.batches} x {args.batch_size} "
+        f"images 3x16x16; device: {device} ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads); torch {torch.__version__}"
+    )
+    print(
+        f"reference (float64 Lanczos, {args.reference_iters} iterations): top-5 = "
+        + ", ".join(f"{v:.6g}" for v in ref_top)
+        + f"; max Ritz residual {float(ref.residuals.max()):.1e}"
+    )
+
+    # Warm-up: one product each (allocator, autograd, first-call overheads).
+    ours().matvec(torch.randn(num_params, device=device))
+    pyhessian().eigenvalues(maxIter=1, top_n=1)
+
+    # One batch: graphs cached on both sides. Several: recomputed on both sides, and ours cached too.
+    variants = [("sharpness", None)] + ([] if single else [("sharpness, cached graphs", True)])
+    n, k, s = args.iters, args.slq_iters, args.slq_starts
+    # (task, implementation, HVPs, run, eigenvalues of its result); the operator or PyHessian object
+    # is built inside the timed call, as a user would.
+    # fmt: off
+    jobs: list[tuple[str, str, int, Callable, Callable]] = []
+
+    def add(task: str, impl: str, hvps: int, run: Callable, values: Callable) -> None:
+        jobs.append((task, impl, hvps, run, values))
+
+    add("top-1", "PyHessian power iteration", n,
+        lambda: pyhessian().eigenvalues(maxIter=n, tol=0.0, top_n=1), lambda r: r[0])
+    for name, c in variants:
+        add("top-1", f"{name} power iteration", n,
+            lambda c=c: power_iteration(ours(cache=c), max_iters=n, tol=0.0), lambda r: [r.eigenvalue])
+        add("top-1", f"{name} Lanczos", n,
+            lambda c=c: top_eigenpairs(ours(cache=c), 1, num_iters=n), lambda r: r.eigenvalues.tolist())
+    add("top-5", "PyHessian power iteration + deflation", 5 * n,
+        lambda: pyhessian().eigenvalues(maxIter=n, tol=0.0, top_n=5), lambda r: r[0])
+    for name, c in variants:
+        add("top-5", f"{name} Lanczos", n,
+            lambda c=c: top_eigenpairs(ours(cache=c), 5, num_iters=n), lambda r: r.eigenvalues.tolist())
+    add("density", "PyHessian SLQ", k * s,
+        lambda: pyhessian().density(iter=k, n_v=s), lambda r: [max(max(x) for x in r[0])])
+    for name, c in variants:
+        add("density", f"{name} SLQ", k * s,
+            lambda c=c: spectral_density(ours(cache=c), num_starts=s, num_iters=k),
+            lambda r: [max(float(x.max()) for x in r.nodes)])
+    # fmt: on
+
+    # Repeats run round-robin, so that a change of load on a shared machine hits every job alike.
+    best = [float("inf")] * len(jobs)
+    results: list[object] = [None] * len(jobs)
+    for _ in range(args.repeats):
+        for i, (_, _, _, run, _) in enumerate(jobs):
+            seconds, results[i] = clock(run, device)
+            best[i] = min(best[i], seconds)
+    rows = []
+    for (task, impl, hvps, _, values_of), seconds, result in zip(jobs, best, results, strict=True):
+        values = [float(v) for v in values_of(result)]
+        err = max(abs(v - r) / abs(r) for v, r in zip(values, ref_top, strict=False))
+        rows.append({"task": task, "library": impl, "seconds": seconds, "hvps": hvps, "eigenvalues": values,
+                     "max_rel_error": err})  # fmt: skip
+
+    print("\n| task | implementation | time (s) | HVPs | max rel. error | eigenvalues |")
+    print("|---|---|---:|---:|---:|---|")
+    for r in rows:
+        values = ", ".join(f"{v:.5g}" for v in r["eigenvalues"])
+        print(
+            f"| {r['task']} | {r['library']} | {r['seconds']:.3f} | {r['hvps']} | {r['max_rel_error']:.1e} | {values} |"
+        )
+    print("(density: the eigenvalue is the largest SLQ node, compared with the reference lambda_max)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"args": vars(args), "num_params": num_params, "reference": ref_top, "rows": rows},
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()

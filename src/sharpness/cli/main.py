@@ -1,0 +1,49 @@
+"""The ``sharpness`` command: train, compare, report, demo, and the sharpness analyses."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from sharpness import __version__
+from sharpness.cli import analysis, demo, training
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sharpness",
+        description="Sharpness-Aware Minimization (Foret et al., ICLR 2021): run the paper's experiments, "
+        "report them as mean ± 95%% CI over seeds, and measure the sharpness of trained models.",
+    )
+    parser.add_argument("--version", action="version", version=f"sharpness {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    training.register(sub)
+    demo.register(sub)
+    analysis.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from sharpness.harness.config import ConfigError
+    from sharpness.harness.train import Interrupted, RunDirExists, TrainingDiverged
+
+    try:
+        return int(args.handler(args) or 0)
+    except Interrupted as exc:
+        print(f"sharpness: {exc}", file=sys.stderr)
+        return 143
+    except TrainingDiverged as exc:
+        print(f"sharpness: training diverged: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, RunDirExists, FileNotFoundError, ValueError) as exc:
+        print(f"sharpness {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""``sharpness train``, ``compare``, ``report``, ``configs`` and ``download``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["register", "label_epochs"]
+
+
+def label_epochs(summaries: list[dict]) -> list[dict]:
+    """Name a method by its epoch count where one experiment ran it for several (compute-matched SGD)."""
+    counts: dict[tuple[str, str], set[int]] = {}
+    for s in summaries:
+        counts.setdefault((s["experiment"], s["method"]), set()).add(s.get("epochs"))
+    return [
+        {**s, "method": f"{s['method']} ({s.get('epochs')} ep)"}
+        if len(counts[(s["experiment"], s["method"])]) > 1
+        else s
+        for s in summaries
+    ]
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a YAML config file, or the name of a bundled config (see `sharpness configs`)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set rho=0.1 --set epochs=50",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="where the data sets are (default: $SHARPNESS_DATA_DIR, then "
+        "~/.cache/sharpness/data); the embedded 'digits' set needs none",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download the data set from its official address (checksum verified) if missing",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the config's, 'auto')")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (they are off anyway when stderr is not a terminal)",
+    )
+
+
+def _load(args: argparse.Namespace, extra: list[str] | None = None):
+    from sharpness.harness.config import load_config
+
+    overrides = list(args.overrides) + (extra or [])
+    if args.data_dir:
+        overrides.append(f"data_dir={args.data_dir}")
+    if args.device:
+        overrides.append(f"device={args.device}")
+    config = load_config(args.config, overrides)
+    if args.download:
+        from sharpness.harness.data import download_dataset, find_dataset
+
+        if find_dataset(config.dataset, config.data_dir) is None:
+            download_dataset(config.dataset, config.data_dir)
+    return config
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if args.no_progress else None
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sharpness.harness.train import train
+
+    extra = [f"seed={args.seed}"] if args.seed is not None else []
+    config = _load(args, extra)
+    out = Path(args.out or Path("runs") / config.name / f"{config.method}-seed{config.seed}")
+    for summary in train(config, out, resume=args.resume, progress=_progress(args)):
+        m = summary["metrics"]
+        print(
+            f"{summary['experiment']} {summary['method']} seed {summary['seed']}: test error "
+            f"{m['test_error']:.2f}%, train error {m['train_error']:.2f}% ({summary['seconds']:.0f} s) -> {out}"
+        )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from sharpness.harness.report import aggregate, collect_summaries, markdown_table, plot_comparison
+    from sharpness.harness.train import train
+
+    base = _load(args)
+    out = Path(args.out or Path("runs") / base.name)
+    variants = [("sam", {}), ("sgd", {})]
+    if args.compute_matched:
+        variants.append(("sgd", {"epochs": 2 * base.epochs}))
+    for seed in args.seeds:
+        for method, change in variants:
+            overrides = [f"method={method}", f"seed={seed}"] + [f"{k}={v}" for k, v in change.items()]
+            config = _load(args, overrides)
+            tag = method + ("-2x" if change else "")
+            run_dir = out / f"{tag}-seed{seed}"
+            if (run_dir / "summary.json").exists():
+                continue
+            summary = train(config, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=_progress(args))[-1]
+            print(f"{tag} seed {seed}: test error {summary['metrics']['test_error']:.2f}%", file=sys.stderr)
+    rows = aggregate(label_epochs(collect_summaries([out])), metric=args.metric)
+    table = markdown_table(rows, metric=args.metric)
+    (out / "report.md").write_text(table + "\n")
+    plot_comparison(rows, out / "report.png", metric=args.metric)
+    print(table)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sharpness.harness.report import aggregate, collect_summaries, markdown_table, plot_comparison
+
+    summaries = collect_summaries(args.paths)
+    if not summaries:
+        raise FileNotFoundError(f"no summary.json under {', '.join(map(str, args.paths))}")
+    rows = aggregate(label_epochs(summaries), metric=args.metric)
+    table = markdown_table(rows, metric=args.metric)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    if args.png:
+        plot_comparison(rows, args.png, metric=args.metric)
+    return 0
+
+
+def _configs(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sharpness.harness.config import bundled_configs
+
+    for name, path in bundled_configs().items():
+        text = yaml.safe_load(path.read_text()) or {}
+        print(
+            f"{name:34s} {text.get('dataset', '?'):14s} {text.get('model', '?'):24s} "
+            f"{text.get('epochs', '?'):>5} epochs  {path.parent.name}"
+        )
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from sharpness.harness.data import download_dataset
+
+    for path in download_dataset(args.dataset, args.data_dir):
+        print(path)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one run of a config",
+        description="Train one run. The run "
+        "directory gets config.yaml, metrics.jsonl, checkpoint.pt, summary.json, model.pt and "
+        "curves.png; it is never overwritten (use --resume to continue a killed run).",
+    )
+    _config_args(p)
+    p.add_argument("--out", help="run directory (default: runs/<name>/<method>-seed<seed>)")
+    p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser(
+        "compare",
+        help="SAM beside SGD over seeds, with a report",
+        description="Train the config with method=sam and method=sgd for each seed (skipping "
+        "finished runs, resuming killed ones), then write report.md and report.png.",
+    )
+    _config_args(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    p.add_argument(
+        "--compute-matched",
+        action="store_true",
+        help="also train SGD for twice the epochs (the paper keeps the better SGD run)",
+    )
+    p.add_argument("--out", help="parent directory of the runs (default: runs/<name>)")
+    p.add_argument("--metric", default="test_error", help="metric to report (default: test_error)")
+    p.set_defaults(handler=_compare)
+
+    p = sub.add_parser(
+        "report",
+        help="aggregate runs into mean ± 95%% CI tables",
+        description="Collect summary.json files under the given paths and print a Markdown "
+        "table: experiments as rows, methods side by side, mean ± 95%% CI (Student t) over seeds.",
+    )
+    p.add_argument("paths", nargs="+", help="run directories or folders containing them")
+    p.add_argument("--metric", default="test_error", help="metric to report (default: test_error)")
+    p.add_argument("--out", help="also write the table to this Markdown file")
+    p.add_argument("--png", help="also draw a bar chart with CI error bars to this PNG file")
+    p.set_defaults(handler=_report)
+
+    p = sub.add_parser("configs", help="list the bundled experiment configs")
+    p.set_defaults(handler=_configs)
+
+    p = sub.add_parser("download", help="download a data set (official address, checksum verified)")
+    p.add_argument("dataset", help="cifar10, cifar100, svhn, mnist or fashion_mnist")
+    p.add_argument("--data-dir", help="target folder (default: $SHARPNESS_DATA_DIR, then ~/.cache/sharpness/data)")
+    p.set_defaults(handler=_download)

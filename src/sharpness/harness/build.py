@@ -1,0 +1,77 @@
+"""From a config to the objects of a run: device, optimizer (SAM or its base alone), learning-rate schedule."""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from sharpness import SAM
+from sharpness.harness.config import TrainConfig
+
+__all__ = ["resolve_device", "build_optimizer", "build_schedule", "method_label"]
+
+_BASES: dict[str, type[Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def method_label(config: TrainConfig) -> str:
+    """How reports name the run's method: ``sam`` or the base optimizer alone (``sgd``, ``adam``, ...)."""
+    return "sam" if config.method == "sam" else config.optimizer
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
+    """The base optimizer of the config, wrapped in :class:`sharpness.SAM` when ``method`` is ``sam``."""
+    base = _BASES[config.optimizer]
+    kwargs: dict = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        kwargs.update(momentum=config.momentum, nesterov=config.nesterov)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        kwargs["fused"] = True  # one kernel for the update, and inf/NaN skips stay on the device
+    if config.method == "sgd":
+        return base(model.parameters(), **kwargs)
+    return SAM(
+        model.parameters(),
+        base,
+        rho=config.rho,
+        p=config.p,
+        adaptive=config.adaptive,
+        eta=config.eta,
+        model=model,
+        ascent_steps=config.ascent_steps,
+        second_order=config.second_order,
+        max_grad_norm=config.grad_clip,
+        **kwargs,
+    )
+
+
+def build_schedule(config: TrainConfig, optimizer: Optimizer, steps_per_epoch: int) -> LambdaLR:
+    """A per-step schedule: linear warm-up, then cosine decay to 0, step decay, or constant."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    boundaries = sorted(int(round(m * total)) if m <= 1 else int(round(m * steps_per_epoch)) for m in config.milestones)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if config.schedule == "step":
+            return config.gamma ** bisect.bisect_right(boundaries, step)
+        return 1.0
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,100 @@
+"""The `sharpness` command end to end on tiny runs of the embedded digits set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sharpness.cli.main import build_parser, main
+
+TINY = ["--set", "epochs=2", "--set", "batch_size=64", "--set", "model_kwargs={width: 8}", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "cmp"
+    assert main(["compare", "demo-digits", "--seeds", "0", "1", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"train", "compare", "report", "demo", "configs", "download", "hessian", "landscape", "msharpness"} <= set(
+        commands
+    )
+    for name in commands:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0
+        assert "usage: sharpness " + name in capsys.readouterr().out
+
+
+def test_bad_value_is_one_clear_line(tmp_path, capsys):
+    assert main(["train", "demo-digits", "--out", str(tmp_path / "r"), "--set", "epochs=abc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "sharpness train: error: epochs must be int; got 'abc'"
+
+
+def test_compare_writes_a_side_by_side_report(compared, capsys):
+    table = (compared / "report.md").read_text()
+    assert "SGD" in table and "SAM" in table
+    assert "(n=2)" in table
+    assert (compared / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", str(compared), "--out", str(compared / "again.md")]) == 0
+    assert (compared / "again.md").read_text() == table
+    # finished runs are skipped: a second compare trains nothing and reports the same
+    assert main(["compare", "demo-digits", "--seeds", "0", "1", "--out", str(compared), *TINY]) == 0
+    assert (compared / "report.md").read_text() == table
+
+
+def test_hessian_msharpness_and_landscape_commands(compared, tmp_path, capsys):
+    sam, sgd = compared / "sam-seed0", compared / "sgd-seed0"
+    assert main(["hessian", str(sam), "--batches", "1", "--top-k", "3", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "hessian.json").read_text())
+    assert result["lambda_max"] > 0 and len(result["top_eigenvalues"]) == 3
+    assert (tmp_path / "hessian_density.png").is_file()
+    assert main(["msharpness", str(sam), "--m", "16", "--batches", "1", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "msharpness_m16.json").read_text())["m"] == 16
+    assert main(["landscape", str(sgd), str(sam), "--points", "5", "--batches", "1", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "landscape1d.png").is_file()
+    assert main(["landscape", str(sam), "--dim", "2", "--points", "3", "--batches", "1", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / f"landscape2d_{sam.name}.png").is_file()
+    assert (
+        main(
+            [
+                "landscape",
+                str(sgd),
+                str(sam),
+                "--interpolate",
+                "--points",
+                "5",
+                "--batches",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "interpolation.png").is_file()
+    out = capsys.readouterr().out
+    assert "lambda_max =" in out and "sharpness =" in out
+
+
+def test_demo_end_to_end_on_a_tiny_config(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("dataset: digits\nmodel: cnn-small\nmodel_kwargs: {width: 8}\nepochs: 2\nbatch_size: 64\n")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--seeds", "2", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "digits-clean" in out and "digits-noise-40" in out and "lambda_max" in out
+    for name in ("report.md", "report.png", "landscape1d.png", "landscape2d_sgd.png", "landscape2d_sam.png"):
+        assert (tmp_path / "demo" / name).is_file(), name
+
+
+def test_configs_lists_the_bundled_configs(capsys):
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10_wrn28-10_basic" in out and "demo-digits" in out
