@@ -94,6 +94,15 @@ def test_demo_end_to_end_on_a_tiny_config(tmp_path, capsys):
         assert (tmp_path / "demo" / name).is_file(), name
 
 
+def test_select_rho_on_a_validation_split(tmp_path, capsys):
+    assert main(["select-rho", "demo-digits", "--grid", "0.05", "0.5", "--out", str(tmp_path), *TINY]) == 0
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    assert [r["rho"] for r in selection["grid"]] == [0.05, 0.5] and selection["val_fraction"] == 0.1
+    best = min(selection["grid"], key=lambda r: r["val_error"])
+    assert selection["best_rho"] == best["rho"]
+    assert f"best rho = {best['rho']:g}" in capsys.readouterr().out
+
+
 def test_configs_lists_the_bundled_configs(capsys):
     assert main(["configs"]) == 0
     out = capsys.readouterr().out

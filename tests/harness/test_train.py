@@ -164,3 +164,28 @@ def test_mixed_precision_runs_train_and_resume_exactly(tmp_path, precision):
         StopsAfterOneEpoch(cfg1, tmp_path / "split", progress=False).run()
     Trainer(cfg1, tmp_path / "split", progress=False).run(resume=True)
     _assert_same_run(tmp_path / "whole", tmp_path / "split")
+
+
+def test_second_order_trains_through_the_closure_form(tmp_path):
+    cfg = load_config("demo-digits", [*FAST, "epochs=1", "second_order=true"])
+    (summary,) = train(cfg, tmp_path / "run", progress=False)
+    assert summary["metrics"]["test_error"] < 95
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(tmp_path, reference_run):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text((reference_run / "config.yaml").read_text())
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')  # a line whose checkpoint never landed
+    resumed = _train_cli(out, "--resume", "--device", "cpu")  # the device may change on resume
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(reference_run, out)
+
+
+def test_resuming_a_finished_bootstrap_run_trains_nothing(tmp_path):
+    cfg = load_config("demo-digits", [*FAST, "epochs=1", "label_noise=0.4", "bootstrap=true"])
+    first, second = train(cfg, tmp_path / "run", progress=False)
+    stamp = (tmp_path / "run" / "bootstrap" / "model.pt").stat().st_mtime_ns
+    again = train(cfg, tmp_path / "run", resume=True, progress=False)
+    assert again[0] == first and again[1]["metrics"] == second["metrics"]
+    assert (tmp_path / "run" / "bootstrap" / "model.pt").stat().st_mtime_ns == stamp

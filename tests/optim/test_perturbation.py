@@ -129,3 +129,23 @@ def test_empty_and_mismatched_inputs():
         perturbation(_random(9), [0.1, 0.2])
     with pytest.raises(ValueError, match="scales"):
         perturbation(_random(9), 0.1, 2.0, [None])
+
+
+@pytest.mark.parametrize("p", [1.1, 1.5, 3.0, 8.0])
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e6])
+def test_no_underflow_or_overflow_for_tiny_or_loss_scaled_gradients(p, magnitude):
+    """eps-hat is homogeneous of degree 0 in g: the same for g * 1e-6 and for a GradScaler-scaled g * 1e6."""
+    grads = [g * magnitude for g in _random(10)]
+    eps, dual = perturbation(grads, 0.05, p)
+    flat = torch.cat([e.double().flatten() for e in eps])
+    assert torch.isfinite(dual)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(flat, p), torch.tensor(0.05, dtype=torch.float64), rtol=1e-4, atol=0
+    )
+    torch.testing.assert_close(flat, _reference(_random(10), 0.05, p), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf, 3.0])
+def test_a_nonfinite_gradient_makes_every_entry_nan(p):
+    eps, _ = perturbation([torch.tensor([1.0, float("inf")]), torch.ones(2)], 0.05, p)
+    assert all(torch.isnan(e).all() for e in eps)

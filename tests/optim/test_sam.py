@@ -453,3 +453,97 @@ def test_compiled_model_gives_the_eager_result():
         o2.step(_closure(fast, x, y))
     for a, b in zip(eager.state_dict().values(), compiled.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- regressions found in review
+
+
+def test_param_groups_follow_the_base_optimizer_after_it_loads_a_state():
+    model = mlp()
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt.step(_closure(model, x, y))
+    plain = torch.optim.SGD(mlp().parameters(), lr=0.5, momentum=0.9).state_dict()
+    opt.base_optimizer.load_state_dict(plain)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(_closure(model, x, y))
+    sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.25
+    opt.load_state_dict(plain)  # a plain optimizer's state loads into the base optimizer
+    assert opt.param_groups[0]["lr"] == 0.5
+    opt.step(_closure(model, x, y))  # groups without SAM's keys fall back to SAM's defaults
+
+
+def test_an_exception_in_the_closure_restores_w():
+    model = mlp()
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return _closure(model, x, y)()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    opt.zero_grad()
+    opt.step(_closure(model, x, y))  # usable again
+
+
+def test_closure_without_backward_is_an_error():
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="no gradients"):
+        opt.step(lambda: torch.zeros(()))
+
+
+def test_deepcopy_and_pickle_keep_a_working_optimizer():
+    model = mlp()
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, model=model, lr=0.1, momentum=0.9)
+    opt.step(_closure(model, x, y))
+    twin = copy.deepcopy({"model": model, "opt": opt})
+    twin["opt"].zero_grad()
+    twin["opt"].step(_closure(twin["model"], x, y))
+    opt.zero_grad()
+    opt.step(_closure(model, x, y))
+    for a, b in zip(model.parameters(), twin["model"].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_asam_with_several_ascent_steps_stays_in_its_ball():
+    """ASAM's ball is ||T_w^-1 eps|| <= rho with T_w taken at w, also after k steps."""
+    model = mlp()
+    x, y = batch()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = SAM(model.parameters(), Recorder, rho=1.0, adaptive=True, ascent_steps=3)
+    seen = []
+
+    def closure():
+        seen.append([p.detach().clone() for p in model.parameters()])
+        return _closure(model, x, y)()
+
+    opt.step(closure)
+    for point in seen[1:]:
+        scaled = torch.cat([((q - w) / (w.abs() + 0.01)).flatten() for q, w in zip(point, before, strict=True)])
+        assert scaled.norm() <= 1.0 + 1e-9
+
+
+def test_step_bookkeeping_is_shared_with_attribute_forwarding_wrappers():
+    """Lightning's LightningOptimizer copies the optimizer's __dict__ into a subclass instance."""
+    model = mlp()
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    wrapper = object.__new__(type("LightningSAM", (SAM,), {}))
+    wrapper.__dict__ = dict(opt.__dict__)
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    wrapper.first_step()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # the real optimizer knows a step is in progress
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert wrapper._run.ascents == 0

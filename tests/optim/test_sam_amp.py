@@ -105,3 +105,36 @@ def test_bf16_autocast_trains_with_float32_master_weights():
     assert losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_first_pass_overflow_with_p_inf_backs_off_the_scale():
+    """sign(inf) is finite, so eps alone would hide the overflow from GradScaler; eps is poisoned instead."""
+    model = bn_net()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, p=float("inf"), model=model, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = batch(8, torch.float32, image=True)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss * float("inf")).backward()
+    opt.first_step(zero_grad=True)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert bool(opt.last_step_skipped) and scaler.get_scale() == 2.0**9
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+
+
+def test_grad_scaler_with_a_closure_is_refused():
+    model = bn_net()
+    opt = _sam(model)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = batch(8, torch.float32, image=True)
+    _scaled_step(model, opt, scaler, x, y)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="two-pass form"):
+        scaler.step(opt, closure)

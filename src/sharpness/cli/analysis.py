@@ -79,7 +79,11 @@ def _hessian(args: argparse.Namespace) -> int:
     print(f"lambda_max = {result['lambda_max']:.4g}" + (f", lambda_max/lambda_5 = {ratio:.3g}" if ratio else ""))
     if "trace" in result:
         tr = result["trace"]
-        interval = f" ({tr['confidence']:.0%} CI {tr['ci_low']:.4g} to {tr['ci_high']:.4g})" if tr["ci_low"] else ""
+        interval = (
+            f" ({tr['confidence']:.0%} CI {tr['ci_low']:.4g} to {tr['ci_high']:.4g})"
+            if tr["ci_low"] is not None
+            else ""
+        )
         print(f"trace = {tr['estimate']:.4g}{interval}, {tr['num_samples']} probes")
     print(f"written to {out}")
     return 0

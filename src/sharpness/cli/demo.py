@@ -35,7 +35,7 @@ def run_demo(out: Path, seeds: list[int], config: str = "demo-digits", progress:
                 cfg = load_config(
                     config, [f"name=digits-{condition}", f"label_noise={noise}", f"method={method}", f"seed={seed}"]
                 )
-                train(cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=progress)
+                train(cfg, run_dir, resume=(run_dir / "config.yaml").exists(), progress=progress)
                 print(
                     f"  trained {condition} {method} seed {seed} ({time.perf_counter() - started:.0f} s)",
                     file=sys.stderr,

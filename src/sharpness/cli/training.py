@@ -101,15 +101,46 @@ def _compare(args: argparse.Namespace) -> int:
             config = _load(args, overrides)
             tag = method + ("-2x" if change else "")
             run_dir = out / f"{tag}-seed{seed}"
-            if (run_dir / "summary.json").exists():
+            if (run_dir / ("bootstrap/summary.json" if config.bootstrap else "summary.json")).exists():
                 continue
-            summary = train(config, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=_progress(args))[-1]
+            summary = train(config, run_dir, resume=(run_dir / "config.yaml").exists(), progress=_progress(args))[-1]
             print(f"{tag} seed {seed}: test error {summary['metrics']['test_error']:.2f}%", file=sys.stderr)
     rows = aggregate(label_epochs(collect_summaries([out])), metric=args.metric)
     table = markdown_table(rows, metric=args.metric)
     (out / "report.md").write_text(table + "\n")
     plot_comparison(rows, out / "report.png", metric=args.metric)
     print(table)
+    return 0
+
+
+def _select_rho(args: argparse.Namespace) -> int:
+    """The paper's protocol: train SAM for each rho of the grid on 90% of the training set, keep the best on 10%."""
+    from sharpness.harness.checkpoint import write_json
+    from sharpness.harness.train import train
+
+    base = _load(args)
+    out = Path(args.out or Path("runs") / base.name / "select-rho")
+    results = []
+    for rho in args.grid:
+        run_dir = out / f"rho{rho:g}"
+        overrides = [f"rho={rho}", f"val_fraction={args.val_fraction}", "eval_on=val", "method=sam"]
+        if (run_dir / "summary.json").exists():
+            import json
+
+            summary = json.loads((run_dir / "summary.json").read_text())
+        else:
+            summary = train(
+                _load(args, overrides), run_dir, resume=(run_dir / "config.yaml").exists(), progress=_progress(args)
+            )[0]
+        results.append({"rho": rho, "val_error": summary["metrics"]["val_error"]})
+        print(f"rho {rho:g}: validation error {summary['metrics']['val_error']:.2f}%", file=sys.stderr)
+    best = min(results, key=lambda r: r["val_error"])
+    write_json(out / "selection.json", {"grid": results, "best_rho": best["rho"], "val_fraction": args.val_fraction})
+    print("| rho | validation error (%) |\n|---:|---:|")
+    for r in results:
+        mark = "**" if r is best else ""
+        print(f"| {mark}{r['rho']:g}{mark} | {mark}{r['val_error']:.2f}{mark} |")
+    print(f"\nbest rho = {best['rho']:g} (train the final model with --set rho={best['rho']:g})")
     return 0
 
 
@@ -193,6 +224,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="also write the table to this Markdown file")
     p.add_argument("--png", help="also draw a bar chart with CI error bars to this PNG file")
     p.set_defaults(handler=_report)
+
+    p = sub.add_parser(
+        "select-rho",
+        help="choose rho on a held-out validation split, as the paper does",
+        description="Train SAM once per rho of the grid on (1 - val_fraction) of the training set and report the "
+        "validation error of each; the paper uses the default grid and 10%%.",
+    )
+    _config_args(p)
+    p.add_argument(
+        "--grid",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5],
+        help="rho values (default: 0.01 0.02 0.05 0.1 0.2 0.5)",
+    )
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (default: 0.1)")
+    p.add_argument("--out", help="parent directory of the runs (default: runs/<name>/select-rho)")
+    p.set_defaults(handler=_select_rho)
 
     p = sub.add_parser("configs", help="list the bundled experiment configs")
     p.set_defaults(handler=_configs)

@@ -107,6 +107,11 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be a number > 0 or null; got {self.grad_clip!r}")
         if self.eval_on == "val" and self.val_fraction == 0:
             raise ConfigError("eval_on: val needs val_fraction > 0 (the paper holds out 10% to choose rho)")
+        if self.second_order and (self.precision == "fp16" or self.ascent_steps != 1):
+            raise ConfigError(
+                "second_order needs ascent_steps: 1 and precision fp32 or bf16 (its closure form does not run "
+                "under GradScaler)"
+            )
         if self.bootstrap and self.label_noise == 0:
             raise ConfigError("bootstrap: true only makes sense with label_noise > 0")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -66,7 +67,8 @@ def load_run(run_dir: str | Path, device: str = "auto") -> LoadedRun:
     values["device"] = device
     config = TrainConfig.from_dict(values, source=str(config_file))
     dev = resolve_device(device)
-    data = prepare_data(config)
+    labels_file = run_dir / "train_labels.npy"  # a bootstrap run trained on another model's predictions
+    data = prepare_data(config, np.load(labels_file) if labels_file.is_file() else None)
     ds = data.dataset
     model = build_model(
         config.model,

@@ -36,6 +36,10 @@ from sharpness.harness.models import build_model
 __all__ = ["RunDirExists", "TrainingDiverged", "Interrupted", "PreparedData", "prepare_data", "train", "Trainer"]
 
 
+# Keys a resumed run may change: where the data and the computation are, not what is computed.
+_MAY_CHANGE = frozenset({"device", "data_dir"})
+
+
 class RunDirExists(FileExistsError):
     """The run directory already holds a run and neither resuming nor a new directory was asked for."""
 
@@ -162,6 +166,18 @@ class Trainer:
         """One update. SAM runs in its two-pass form, which GradScaler and clipping also go through."""
         opt, cfg = self.optimizer, self.config
         x = self._inputs(images, train=True)
+        if isinstance(opt, SAM) and cfg.second_order:  # needs the closure form (config forbids fp16 here)
+            first: list[tuple[Tensor, Tensor]] = []
+
+            def closure() -> Tensor:
+                out = self._loss(x, labels)
+                first.append(out)
+                out[0].backward(create_graph=opt.create_graph)
+                return out[0]
+
+            opt.step(closure)
+            self._after_step(*first[0], labels, acc)
+            return
         loss, logits = self._loss(x, labels)
         self._backward(loss)
         if isinstance(opt, SAM):
@@ -176,10 +192,16 @@ class Trainer:
             scale_before = self.scaler._scale.clone() if not isinstance(opt, SAM) else None
             self.scaler.step(opt)
             self.scaler.update()
-            if scale_before is not None:
+            if scale_before is not None:  # a plain optimizer's skipped step shows as a backed-off scale
                 acc["skipped"] += (self.scaler._scale < scale_before).long()
         else:
             opt.step()
+        self._after_step(loss, logits, labels, acc)
+
+    def _after_step(self, loss: Tensor, logits: Tensor, labels: Tensor, acc: dict[str, Tensor]) -> None:
+        opt = self.optimizer
+        if isinstance(opt, SAM) and opt.last_step_skipped is not None:
+            acc["skipped"] += opt.last_step_skipped.long()
         opt.zero_grad(set_to_none=True)
         self.schedule.step()
         n = labels.numel()
@@ -244,26 +266,30 @@ class Trainer:
         acc = {k: v.to(self.device) for k, v in state["accumulators"].items()}
         return state["epoch"], state["step_in_epoch"], acc
 
-    def _prepare_run_dir(self, resume: bool) -> None:
+    def _prepare_run_dir(self, resume: bool) -> bool:
+        """Create or check the run directory; True when there is a checkpoint to continue from."""
         config_path = self.run_dir / "config.yaml"
-        if resume:
-            if not (self.run_dir / "checkpoint.pt").exists():
-                raise FileNotFoundError(f"--resume: no checkpoint.pt in {self.run_dir}")
+        if resume and config_path.is_file():
             saved = yaml.safe_load(config_path.read_text())
-            if saved != self.config.to_dict():
-                diff = sorted(
-                    k
-                    for k in saved.keys() | self.config.to_dict().keys()
-                    if saved.get(k) != self.config.to_dict().get(k)
-                )
+            mine = self.config.to_dict()
+            diff = sorted(k for k in saved.keys() | mine.keys() if k not in _MAY_CHANGE and saved.get(k) != mine.get(k))
+            if diff:
                 raise ValueError(f"--resume: the config differs from the run's config.yaml in {', '.join(diff)}")
-            return
+            if (self.run_dir / "checkpoint.pt").is_file():
+                return True
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # killed before its first checkpoint
+            return False
+        if resume:
+            raise FileNotFoundError(f"--resume: {self.run_dir} holds no run (no config.yaml)")
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise RunDirExists(
                 f"run directory {self.run_dir} is not empty; pass --resume to continue it, or choose another --out"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        if self._train_labels_override is not None:
+            np.save(self.run_dir / "train_labels.npy", self._train_labels_override)
+        return False
 
     def _truncate_metrics(self, last_epoch: int) -> None:
         """Drop metric lines of epochs the checkpoint does not cover (a kill between the two writes)."""
@@ -278,7 +304,7 @@ class Trainer:
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Train to the end (or until SIGTERM, which raises :class:`Interrupted` after saving)."""
         cfg = self.config
-        self._prepare_run_dir(resume)
+        resume = self._prepare_run_dir(resume)
         self._setup()
         zero = {
             "loss": torch.zeros((), device=self.device),
@@ -331,7 +357,6 @@ class Trainer:
                 "or use precision: fp16 with GradScaler skipping"
             )
         evaluation = self.evaluate()
-        skipped = int(acc["skipped"]) + (int(self.optimizer.skipped_steps) if isinstance(self.optimizer, SAM) else 0)
         record = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
@@ -340,7 +365,7 @@ class Trainer:
             f"{self.data.eval_split}_error": evaluation["error"],
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": seconds,
-            "skipped_steps_total": skipped,
+            "skipped_steps": int(acc["skipped"]),
         }
         if self.data.eval_split != "test":
             record.update(test_loss=evaluation["loss"], test_error=evaluation["error"])
@@ -359,7 +384,7 @@ class Trainer:
             "test_loss": last["test_loss"],
             "train_error": last["train_error"],
             "train_loss": last["train_loss"],
-            "skipped_steps": last["skipped_steps_total"],
+            "skipped_steps": sum(x["skipped_steps"] for x in lines),
         }
         if self.config.label_noise > 0:
             predicted = self.predict_train_labels()
@@ -398,20 +423,33 @@ def train(
 ) -> list[dict[str, Any]]:
     """Run a config; with ``bootstrap``, then retrain from scratch on the first model's predicted labels.
 
-    Returns the summaries written (one, or two with bootstrapping: the second in ``run_dir/bootstrap``).
+    Returns the summaries written (one, or two with bootstrapping: the second in ``run_dir/bootstrap``, which
+    also keeps the labels it was trained on in ``train_labels.npy``).
     """
+    run_dir = Path(run_dir)
     first = Trainer(config, run_dir, progress=progress)
-    bootstrap_dir = Path(run_dir) / "bootstrap"
-    if resume and (bootstrap_dir / "checkpoint.pt").exists() and (Path(run_dir) / "summary.json").exists():
-        summaries = [json.loads((Path(run_dir) / "summary.json").read_text())]
-    else:
-        summaries = [first.run(resume=resume)]
+    summaries = [_finished(first, resume) or first.run(resume=resume)]
     if not config.bootstrap:
         return summaries
-    if "data" not in first.__dict__:
-        first._setup()
-        first.model.load_state_dict(torch.load(Path(run_dir) / "model.pt", weights_only=True))
-    labels = first.predict_train_labels()
+    bootstrap_dir = run_dir / "bootstrap"
+    labels_file = bootstrap_dir / "train_labels.npy"
+    if labels_file.is_file():
+        labels = np.load(labels_file)
+    else:
+        if "model" not in first.__dict__:
+            first._setup()
+            first.model.load_state_dict(torch.load(run_dir / "model.pt", map_location=first.device, weights_only=True))
+        labels = first.predict_train_labels()
     second = Trainer(config, bootstrap_dir, progress=progress, train_labels=labels, method_suffix="+bootstrap")
-    summaries.append(second.run(resume=resume and (bootstrap_dir / "checkpoint.pt").exists()))
+    resume_second = resume and (bootstrap_dir / "config.yaml").is_file()
+    summaries.append(_finished(second, resume_second) or second.run(resume=resume_second))
     return summaries
+
+
+def _finished(trainer: Trainer, resume: bool) -> dict[str, Any] | None:
+    """The summary of a finished run being resumed (after checking its config), else None."""
+    summary = trainer.run_dir / "summary.json"
+    if not (resume and summary.is_file()):
+        return None
+    trainer._prepare_run_dir(resume=True)
+    return json.loads(summary.read_text())

@@ -89,41 +89,68 @@ def perturbation(
             entries mean :math:`T = 1` for that tensor.
 
     Returns:
-        The perturbation and the dual norm :math:`\\|T g\\|_q` it was normalised by.
+        The perturbation and the dual norm :math:`\\|T g\\|_q` it was normalised by. If any gradient is
+        inf/NaN, every entry of the perturbation is NaN, so that a pass at :math:`w + \\hat\\epsilon` is
+        non-finite too and whatever watches that pass (``GradScaler``, a skip check) sees the overflow.
+
+    For ``p`` other than 2 and inf the powers :math:`|s|^{q-1}` are taken after dividing by
+    :math:`\\max|s|`, which leaves :math:`\\hat\\epsilon` unchanged (it is homogeneous of degree 0) and keeps
+    them clear of underflow and overflow.
     """
     grads = list(grads)
     if len(grads) == 0:
         raise ValueError("perturbation of an empty gradient list")
     q = dual_exponent(p)
     scaled = _apply_scale(grads, scale)
-    dual_norm = global_norm(scaled, q)
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in scaled)
 
     if q == 2.0:
-        direction = scaled
+        dual_norm = global_norm(scaled, 2.0)
+        direction, denominator = scaled, dual_norm
     elif q == 1.0:
-        direction = torch._foreach_sign(scaled)
+        dual_norm = global_norm(scaled, 1.0)
+        direction, denominator = torch._foreach_sign(scaled), torch.ones_like(dual_norm)
     else:
-        direction = torch._foreach_mul(
-            torch._foreach_sign(scaled), torch._foreach_pow(torch._foreach_abs(scaled), q - 1.0)
-        )
-    # (||s||_q^q)^(1/p) = ||s||_q^(q-1); for p = inf that is ||s||_1^0 = 1 and the division is a no-op.
-    denominator = dual_norm.pow(q - 1.0).clamp_min(_TINY)
-    if denominator.requires_grad:  # torch 2.13: foreach ops cannot backprop into a tensor scalar
-        eps = [d / denominator for d in direction]
-    else:
-        eps = torch._foreach_div(direction, denominator)
-    eps = _apply_scale(eps, scale)
+        peak = global_norm(scaled, math.inf).clamp_min(_TINY)
+        unit = _div(scaled, peak, differentiable)
+        unit_norm = global_norm(unit, q)
+        dual_norm = unit_norm * peak
+        direction = torch._foreach_mul(torch._foreach_sign(unit), torch._foreach_pow(torch._foreach_abs(unit), q - 1.0))
+        denominator = unit_norm.pow(q - 1.0)
+    # (||s||_q^q)^(1/p) = ||s||_q^(q-1); NaN when a gradient is not finite, which poisons every entry.
+    denominator = torch.where(torch.isfinite(dual_norm), denominator.clamp_min(_TINY), math.nan)
+    eps = _div(direction, denominator, differentiable)
+    if scale is not None:
+        eps = _apply_scale(eps, scale, inplace=not differentiable)
     if isinstance(rho, int | float):
-        eps = torch._foreach_mul(eps, float(rho))
+        rho = float(rho)
     else:
         rho = [float(r) for r in rho]
         if len(rho) != len(grads):
             raise ValueError(f"got {len(rho)} radii for {len(grads)} gradients")
+    if differentiable:
         eps = torch._foreach_mul(eps, rho)
+    else:
+        torch._foreach_mul_(eps, rho)
     return Perturbation(eps, dual_norm)
 
 
-def _apply_scale(tensors: list[Tensor], scale: Sequence[Tensor | None] | None) -> list[Tensor]:
+def _div(tensors: list[Tensor], scalar: Tensor, differentiable: bool) -> list[Tensor]:
+    """``[t / scalar for t in tensors]`` with one launch per device."""
+    if differentiable:  # torch 2.13: foreach ops cannot backprop into a tensor scalar
+        return [t / scalar.to(t.device) for t in tensors]
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:
+        return torch._foreach_div(tensors, scalar.to(tensors[0].device))
+    out: list[Tensor] = list(tensors)
+    for device in devices:
+        idx = [i for i, t in enumerate(tensors) if t.device == device]
+        for i, t in zip(idx, torch._foreach_div([tensors[i] for i in idx], scalar.to(device)), strict=True):
+            out[i] = t
+    return out
+
+
+def _apply_scale(tensors: list[Tensor], scale: Sequence[Tensor | None] | None, inplace: bool = False) -> list[Tensor]:
     """Multiply each tensor by its scale; ``None`` (for the list or an entry) leaves it as is."""
     if scale is None:
         return tensors
@@ -131,10 +158,13 @@ def _apply_scale(tensors: list[Tensor], scale: Sequence[Tensor | None] | None) -
     if len(scale) != len(tensors):
         raise ValueError(f"got {len(scale)} scales for {len(tensors)} tensors")
     idx = [i for i, s in enumerate(scale) if s is not None]
-    if len(idx) == len(tensors):
-        return torch._foreach_mul(tensors, scale)
+    picked, factors = [tensors[i] for i in idx], [scale[i] for i in idx]
+    if inplace:
+        if picked:
+            torch._foreach_mul_(picked, factors)
+        return tensors
     out = list(tensors)
-    if idx:
-        for i, t in zip(idx, torch._foreach_mul([tensors[i] for i in idx], [scale[i] for i in idx]), strict=True):
+    if picked:
+        for i, t in zip(idx, torch._foreach_mul(picked, factors), strict=True):
             out[i] = t
     return out

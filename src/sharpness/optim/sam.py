@@ -107,14 +107,11 @@ class SAM(Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.model = model
         self.adaptive_weights_only = bool(adaptive_weights_only)
-        self.create_graph = False  # True only during second_order's third pass
+        self._sam_defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
 
-        sam_defaults = dict(rho=rho, adaptive=adaptive, eta=eta)
-        super().__init__(params, sam_defaults)
+        super().__init__(params, dict(self._sam_defaults))
         for group in self.param_groups:
-            check_rho(group["rho"], "a param group's rho")
-            check_positive(group["eta"], "a param group's eta")
-
+            _check_group(group)
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
                 raise TypeError(
@@ -125,22 +122,48 @@ class SAM(Optimizer):
             base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         else:
             raise TypeError(f"base_optimizer must be an Optimizer class or instance, got {base_optimizer!r}")
-        self.base_optimizer = base_optimizer
-        self.param_groups = base_optimizer.param_groups  # one set of group dicts: schedulers see both
-        self.defaults = {**base_optimizer.defaults, **sam_defaults}  # OneCycleLR & co. look for 'momentum' here
+        self.base_optimizer = base_optimizer  # from here on, param_groups are the base optimizer's
+        self.defaults = {**base_optimizer.defaults, **self._sam_defaults}  # OneCycleLR looks for 'momentum' here
 
         self._names = {param: name for name, param in model.named_parameters()} if model is not None else {}
-        self._in_closure_step = False
-        self._ascents = 0  # ascent steps taken since the last second_step (0: w is not perturbed)
-        self._perturbed: list[Tensor] = []
-        self._buffer_backup: list[Tensor] = []
-        self._first_pass_nonfinite: Tensor | None = None
-        self.last_step_skipped: Tensor | None = None
-        """Whether the last step was skipped for a non-finite gradient (a device tensor; None if unchecked)."""
-        self.skipped_steps = torch.zeros((), dtype=torch.int64)
-        """Number of steps skipped so far (a device tensor: read it when convenient, e.g. once per epoch)."""
+        # Mutated in place, never reassigned: wrappers that forward attribute reads to this optimizer (Lightning's
+        # LightningOptimizer) then still share one step in progress.
+        self._run = _StepState()
 
-    # ------------------------------------------------------------------ construction helpers
+    @property
+    def last_step_skipped(self) -> Tensor | None:
+        """Whether the last step was skipped for a non-finite gradient (a device tensor; None if unchecked)."""
+        return self._run.last_skipped
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Number of steps skipped so far (a device tensor: read it when convenient, e.g. once per epoch)."""
+        return self._run.skipped_steps
+
+    @property
+    def create_graph(self) -> bool:
+        """True only during ``second_order``'s third pass: the closure passes it to ``loss.backward``."""
+        return self._run.create_graph
+
+    # ------------------------------------------------------------------ groups
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The base optimizer's groups, which carry SAM's per-group options: one list, never stale."""
+        base = getattr(self, "base_optimizer", None)  # through __getattr__ when a wrapper forwards to us
+        return base.param_groups if base is not None else self.__dict__["_groups_before_base"]
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        base = getattr(self, "base_optimizer", None)
+        if base is None:
+            self.__dict__["_groups_before_base"] = groups
+        else:
+            base.param_groups = groups
+
+    def _option(self, group: dict[str, Any], key: str) -> Any:
+        """A SAM option of a group (groups loaded from a plain optimizer's state lack them: the defaults)."""
+        return group.get(key, self._sam_defaults[key])
+
     def _adopt_groups(self, base: Optimizer) -> None:
         """Give an already-built base optimizer's groups SAM's per-group options (from SAM's own groups)."""
         sam_group_of = {param: group for group in self.param_groups for param in group["params"]}
@@ -158,12 +181,12 @@ class SAM(Optimizer):
                 group.setdefault(key, owner[key])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
+        if getattr(self, "base_optimizer", None) is None:  # called by Optimizer.__init__
             super().add_param_group(param_group)
             return
-        for key, value in self.defaults.items():
+        for key, value in self._sam_defaults.items():
             param_group.setdefault(key, value)
-        check_rho(param_group["rho"], "a param group's rho")
+        _check_group(param_group)
         self.base_optimizer.add_param_group(param_group)
 
     # ------------------------------------------------------------------ the two passes
@@ -175,25 +198,27 @@ class SAM(Optimizer):
         the current point in between) up to ``k`` times, each a step of radius :math:`\rho/k`. It clears the
         gradients afterwards unless ``zero_grad=False``: the next backward must not add to them.
         """
-        if self.second_order and not self._in_closure_step:
+        if self.second_order and not self._run.in_closure:
             raise RuntimeError("second_order=True needs the closure form, opt.step(closure)")
-        if self._ascents >= self.ascent_steps:
+        if self._run.ascents >= self.ascent_steps:
             raise RuntimeError(
-                f"first_step() called {self._ascents + 1} times without second_step() "
+                f"first_step() called {self._run.ascents + 1} times without second_step() "
                 f"(ascent_steps={self.ascent_steps}); finish the step with second_step() or step()"
             )
-        params = self._params_to_perturb(restrict_to=self._perturbed if self._ascents else None)
-        if self._ascents == 0:
-            self._perturbed = params
-            self._save(params)
-        if params:
-            radii, scales = self._radii_and_scales(params, self.ascent_steps)
-            eps, dual_norm = perturbation([param.grad for param in params], radii, self.p, scales)
-            torch._foreach_add_(params, eps)
+        ascent = self._ascent(restrict_to=self._run.perturbed if self._run.ascents else None)
+        if self._run.ascents == 0:
+            self._run.perturbed = ascent.params
+            self._save(ascent.params)
+        if ascent.params:
+            w = [self.state[param]["w"] for param in ascent.params]  # ASAM scales by w, not by w + eps
+            eps, dual_norm = perturbation(
+                [param.grad for param in ascent.params], ascent.radii, self.p, ascent.scales(w)
+            )
+            torch._foreach_add_(ascent.params, eps)
             nonfinite = ~torch.isfinite(dual_norm)
-            previous = self._first_pass_nonfinite
-            self._first_pass_nonfinite = nonfinite if previous is None else previous | nonfinite
-        self._ascents += 1
+            previous = self._run.first_nonfinite
+            self._run.first_nonfinite = nonfinite if previous is None else previous | nonfinite
+        self._run.ascents += 1
         if zero_grad:
             self.zero_grad()
 
@@ -204,22 +229,26 @@ class SAM(Optimizer):
         Call it after the perturbed pass's backward. Under ``GradScaler`` call ``scaler.step(opt)`` instead:
         it calls this through :meth:`step`, which unscales the gradients and skips on inf/NaN.
         """
-        if self._ascents == 0:
+        if self._run.ascents == 0:
             raise RuntimeError("second_step() called without first_step()")
         self._restore()
         with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in with_grad]
         # Set by GradScaler.step because of _step_supports_amp_scaling; grad_scale is None if already unscaled.
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None:
+            found_inf = torch.as_tensor(found_inf)  # GradScaler passes a plain 0 when no gradient was checked
         if grad_scale is not None and grads:
-            torch._foreach_mul_(grads, grad_scale.double().reciprocal().float())
+            inv_scale = grad_scale.double().reciprocal().float()
+            for device, group in _by_device(grads).items():
+                torch._foreach_mul_(group, inv_scale.to(device))
         total_norm = None
         if grads and self.max_grad_norm is not None:
             total_norm = torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm, foreach=True)
 
         skip = None
         if found_inf is not None or self.skip_nonfinite:
-            flags = [] if self._first_pass_nonfinite is None else [self._first_pass_nonfinite]
+            flags = [] if self._run.first_nonfinite is None else [self._run.first_nonfinite]
             if found_inf is not None:
                 flags.append(found_inf > 0)
             elif total_norm is not None:
@@ -229,77 +258,82 @@ class SAM(Optimizer):
             if flags:
                 skip = torch.stack([f.to(flags[0].device) for f in flags]).any()
         self._base_step(skip)
-
-        self._ascents = 0
-        self._perturbed = []
-        self._first_pass_nonfinite = None
+        self._end_step()
         if zero_grad:
             self.zero_grad()
+
+    @torch.no_grad()
+    def abort_step(self) -> None:
+        """Restore :math:`w` and the model's buffers and drop the pending step without updating anything.
+
+        :meth:`step` calls it when the closure raises; a custom loop can call it after a failed perturbed pass.
+        """
+        if self._run.ascents:
+            self._restore()
+        self._end_step()
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One SAM step.
 
         With a ``closure`` (forward, ``loss.backward()``, return the loss): calls it at :math:`w`, at
         :math:`w + \\hat\\epsilon` (and, for ``second_order``, once more at :math:`w`), clearing gradients in
-        between, steps, and returns the loss at :math:`w`.
+        between, steps, and returns the loss at :math:`w`. If the closure raises, :math:`w` is restored first.
 
         Without a closure, after :meth:`first_step` and the perturbed pass: finishes the step like
         :meth:`second_step` (the path of trainers and ``GradScaler.step`` that call ``optimizer.step()``
         themselves). A bare ``step()`` with neither is an error.
         """
         if closure is None:
-            if self._ascents == 0:
+            if self._run.ascents == 0:
                 raise RuntimeError(
                     "SAM.step() needs a closure (forward + backward, returning the loss), or must follow "
                     "first_step() and the perturbed pass's backward"
                 )
             self.second_step()
             return None
-        if self._ascents:
+        if self._run.ascents:
             raise RuntimeError("step(closure) called between first_step() and second_step()")
+        if getattr(self, "found_inf", None) is not None:
+            raise RuntimeError("GradScaler.step(opt, closure) is not supported: use the two-pass form under GradScaler")
         closure = torch.enable_grad()(closure)
         loss = closure()
-        self._in_closure_step = True
+        if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            raise RuntimeError("the closure produced no gradients: it must call loss.backward()")
+        self._run.in_closure = True
         try:
             for _ in range(self.ascent_steps):
                 self.first_step(zero_grad=True)
                 closure()
             if self.second_order:
                 self._add_second_order_term(closure)
+        except BaseException:
+            self.abort_step()
+            raise
         finally:
-            self._in_closure_step = False
+            self._run.in_closure = False
         self.second_step()
         return loss
 
     # ------------------------------------------------------------------ internals
-    def _params_to_perturb(self, restrict_to: list[Tensor] | None = None) -> list[Tensor]:
-        """Parameters of groups with ``rho > 0`` that have a gradient (optionally only among ``restrict_to``)."""
+    def _ascent(self, restrict_to: list[Tensor] | None = None) -> _Ascent:
+        """The parameters to perturb (groups with ``rho > 0``, with a gradient) and their options."""
         allowed = None if restrict_to is None else set(restrict_to)
-        params = []
+        ascent = _Ascent()
         for group in self.param_groups:
-            if group["rho"] == 0:
+            rho = self._option(group, "rho")
+            if rho == 0:
                 continue
+            adaptive, eta = self._option(group, "adaptive"), self._option(group, "eta")
             for param in group["params"]:
                 if param.grad is None or (allowed is not None and param not in allowed):
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError("SAM does not support sparse gradients")
-                params.append(param)
-        return params
-
-    def _radii_and_scales(self, params: list[Tensor], steps: int) -> tuple[list[float], list[Tensor | None] | None]:
-        """Per-tensor radius ``rho / steps`` and ASAM scale (differentiable if grad mode is on)."""
-        options = {param: group for group in self.param_groups for param in group["params"]}
-        radii = [options[param]["rho"] / steps for param in params]
-        scaled = [
-            param
-            for param in params
-            if options[param]["adaptive"] and (not self.adaptive_weights_only or "weight" in self._names.get(param, ""))
-        ]
-        if not scaled:
-            return radii, None
-        scale_of = dict(zip(scaled, adaptive_scale(scaled, [options[p]["eta"] for p in scaled]), strict=True))
-        return radii, [scale_of.get(param) for param in params]
+                ascent.params.append(param)
+                ascent.radii.append(rho / self.ascent_steps)
+                scaled = adaptive and (not self.adaptive_weights_only or "weight" in self._names.get(param, ""))
+                ascent.etas.append(eta if scaled else None)
+        return ascent
 
     def _model_buffers(self) -> list[Tensor]:
         return [] if self.model is None else list(self.model.buffers())
@@ -307,36 +341,39 @@ class SAM(Optimizer):
     def _save(self, params: list[Tensor]) -> None:
         """Copy :math:`w` and the model's buffers, reusing the copy buffers of earlier steps."""
         if params:
-            backups = [self.state[param].get("w") for param in params]
-            if any(b is None for b in backups):
-                for param in params:
-                    self.state[param].setdefault("w", torch.empty_like(param, memory_format=torch.preserve_format))
-                backups = [self.state[param]["w"] for param in params]
-            torch._foreach_copy_(backups, params)
+            for param in params:
+                if "w" not in self.state[param]:
+                    self.state[param]["w"] = torch.empty_like(param, memory_format=torch.preserve_format)
+            torch._foreach_copy_([self.state[param]["w"] for param in params], params)
         buffers = self._model_buffers()
-        if len(self._buffer_backup) != len(buffers) or any(
+        if len(self._run.buffer_backup) != len(buffers) or any(
             b.shape != c.shape or b.dtype != c.dtype or b.device != c.device
-            for b, c in zip(buffers, self._buffer_backup, strict=True)
+            for b, c in zip(buffers, self._run.buffer_backup, strict=True)
         ):
-            self._buffer_backup = [torch.empty_like(b) for b in buffers]
+            self._run.buffer_backup = [torch.empty_like(b) for b in buffers]
         if buffers:
-            torch._foreach_copy_(self._buffer_backup, buffers)
+            torch._foreach_copy_(self._run.buffer_backup, buffers)
 
     def _restore(self) -> None:
-        if self._perturbed:
-            torch._foreach_copy_(self._perturbed, [self.state[param]["w"] for param in self._perturbed])
+        if self._run.perturbed:
+            torch._foreach_copy_(self._run.perturbed, [self.state[param]["w"] for param in self._run.perturbed])
         buffers = self._model_buffers()
         if buffers:
-            torch._foreach_copy_(buffers, self._buffer_backup)
+            torch._foreach_copy_(buffers, self._run.buffer_backup)
+
+    def _end_step(self) -> None:
+        self._run.ascents = 0
+        self._run.perturbed = []
+        self._run.first_nonfinite = None
 
     def _base_step(self, skip: Tensor | None) -> None:
         """Run the base optimizer's step unless ``skip`` (a device flag) is set."""
         base = self.base_optimizer
-        self.last_step_skipped = skip
+        self._run.last_skipped = skip
         if skip is None:
             base.step()
             return
-        self.skipped_steps = self.skipped_steps.to(skip.device) + skip.to(torch.int64)
+        self._run.skipped_steps = self._run.skipped_steps.to(skip.device) + skip.to(torch.int64)
         if getattr(base, "_step_supports_amp_scaling", False):  # fused kernels skip on the device
             base.grad_scale, base.found_inf = None, skip.float()  # type: ignore[attr-defined]
             try:
@@ -352,23 +389,23 @@ class SAM(Optimizer):
         :math:`(d\hat\epsilon/dw)^\top v` is the gradient of :math:`\hat\epsilon(w, g(w)) \cdot v` with
         respect to :math:`w`, taken through a third pass at :math:`w` whose backward keeps its graph.
         """
-        params = list(self._perturbed)
+        params = list(self._run.perturbed)
         with torch.no_grad():
             v = {
                 p: p.grad.detach().clone() for group in self.param_groups for p in group["params"] if p.grad is not None
             }
             self._restore()
         self.zero_grad()
-        self.create_graph = True
+        self._run.create_graph = True
         try:
             closure()
         finally:
-            self.create_graph = False
+            self._run.create_graph = False
         grads = [param.grad for param in params]
         if any(g is None or g.grad_fn is None for g in grads):
             raise RuntimeError("second_order=True: the closure must call loss.backward(create_graph=opt.create_graph)")
-        radii, scales = self._radii_and_scales(params, steps=1)
-        eps, _ = perturbation(grads, radii, self.p, scales)
+        ascent = self._ascent(restrict_to=params)
+        eps, _ = perturbation(grads, ascent.radii, self.p, ascent.scales(params))
         dot = torch.stack([(e * v[p]).sum() for e, p in zip(eps, params, strict=True) if p in v]).sum()
         jacobian_v = torch.autograd.grad(dot, params, allow_unused=True)
         self.zero_grad()
@@ -383,7 +420,7 @@ class SAM(Optimizer):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's full state (momenta, moments, groups with SAM's options) and SAM's counters."""
-        if self._ascents:
+        if self._run.ascents:
             raise RuntimeError("state_dict() between first_step() and second_step(): w is perturbed")
         return {
             "base_optimizer": self.base_optimizer.state_dict(),
@@ -391,11 +428,67 @@ class SAM(Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if set(state_dict) != {"base_optimizer", "sam"}:
+        """Load :meth:`state_dict`'s output, or a plain optimizer's state dict into the base optimizer."""
+        if self._run.ascents:
+            raise RuntimeError("load_state_dict() between first_step() and second_step(): w is perturbed")
+        if set(state_dict) == {"base_optimizer", "sam"}:
+            self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+            self._run.skipped_steps = state_dict["sam"]["skipped_steps"].detach().clone()
+        elif {"state", "param_groups"} <= set(state_dict):
+            self.base_optimizer.load_state_dict(state_dict)
+        else:
             raise ValueError(
-                "not a SAM state dict (expected keys 'base_optimizer' and 'sam'); "
-                "to load a plain optimizer's state use opt.base_optimizer.load_state_dict()"
+                "not an optimizer state dict (expected SAM's keys 'base_optimizer' and 'sam', or "
+                "a plain optimizer's 'state' and 'param_groups')"
             )
-        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
-        self.param_groups = self.base_optimizer.param_groups
-        self.skipped_steps = state_dict["sam"]["skipped_steps"].detach().clone()
+
+    def __getstate__(self) -> dict[str, Any]:  # Optimizer's keeps only three attributes
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class _StepState:
+    """SAM's bookkeeping of the step in progress, and its skip counters."""
+
+    def __init__(self) -> None:
+        self.ascents = 0  # ascent steps taken since the last second_step (0: w is not perturbed)
+        self.perturbed: list[Tensor] = []
+        self.first_nonfinite: Tensor | None = None
+        self.buffer_backup: list[Tensor] = []
+        self.in_closure = False
+        self.create_graph = False
+        self.last_skipped: Tensor | None = None
+        self.skipped_steps = torch.zeros((), dtype=torch.int64)
+
+
+class _Ascent:
+    """The tensors of one ascent step: parameters, radii, and each one's ASAM eta (None: not scaled)."""
+
+    def __init__(self) -> None:
+        self.params: list[Tensor] = []
+        self.radii: list[float] = []
+        self.etas: list[float | None] = []
+
+    def scales(self, at: list[Tensor]) -> list[Tensor | None] | None:
+        """ASAM's :math:`T = |w| + \\eta` at ``at`` (one tensor per parameter; differentiable in grad mode)."""
+        idx = [i for i, eta in enumerate(self.etas) if eta is not None]
+        if not idx:
+            return None
+        out: list[Tensor | None] = [None] * len(self.params)
+        for i, t in zip(idx, adaptive_scale([at[i] for i in idx], [self.etas[i] for i in idx]), strict=True):
+            out[i] = t
+        return out
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    check_rho(group["rho"], "a param group's rho")
+    check_positive(group["eta"], "a param group's eta")
+
+
+def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+    groups: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
