@@ -265,8 +265,7 @@ class Runner:
         self.opt.first_step(zero_grad=True)
         _disable_running_stats(self.model)
         self._loss(x, y).backward()
-        self.opt.second_step()
-        _enable_running_stats(self.model)
+        self.opt.second_step()  # momentum stays 0 until the next step's enable, as in that example's loop
         return loss
 
     def extra_state_bytes(self) -> int:
@@ -276,7 +275,9 @@ class Runner:
         total = sum(
             t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)
         )
-        total += sum(t.numel() * t.element_size() for t in getattr(self.opt, "_buffer_backup", []))
+        run = getattr(self.opt, "_run", None)  # sharpness.SAM keeps its buffer backup there (private)
+        backup = getattr(run, "buffer_backup", None) if run is not None else getattr(self.opt, "_buffer_backup", None)
+        total += sum(t.numel() * t.element_size() for t in backup or [])
         return total
 
 
@@ -472,6 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.steps = args.steps or (20 if cuda else 1)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
 
+    source = source_state()  # before the runs: the code they import is the code of this moment
     results = [bench_model(name, args, device) for name in args.models]
     device_name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if cuda else "")
     header = (
@@ -486,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "source": source_state(),
+        "source": source,
         "device": device_name,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "results": results,

@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
 
+    source = source_state()  # before the runs: the code they import is the code of this moment
     base = load_config(args.config, args.set)
     overrides = [f"epochs={args.epochs}", f"device={args.device}"]
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "source": source_state(),
+        "source": source,
         "device": device_name,
         "threads": torch.get_num_threads(),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,

@@ -41,6 +41,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
     device = next(model.parameters()).device
     if device.type == "cuda":
         kwargs["fused"] = True  # one kernel for the update, and inf/NaN skips stay on the device
+    else:
+        kwargs["foreach"] = True
     if config.method == "sgd":
         return base(model.parameters(), **kwargs)
     return SAM(

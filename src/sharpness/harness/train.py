@@ -142,6 +142,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.aug_gen = torch.Generator(device=device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: every batch has batch_size examples
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -336,6 +338,8 @@ class Trainer:
                             f"SIGTERM: checkpoint saved at epoch {epoch}, step {i + 1}; resume with --resume"
                         )
                 start_step = 0
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the epoch's time includes its queued kernels
                 record = self._end_epoch(epoch, acc, time.perf_counter() - epoch_start)
                 epochs.set_postfix(train_loss=f"{record['train_loss']:.3f}", test_error=f"{record['test_error']:.2f}")
                 acc = {k: v.clone() for k, v in zero.items()}

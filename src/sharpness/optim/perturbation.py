@@ -119,15 +119,17 @@ def perturbation(
         denominator = unit_norm.pow(q - 1.0)
     # (||s||_q^q)^(1/p) = ||s||_q^(q-1); NaN when a gradient is not finite, which poisons every entry.
     denominator = torch.where(torch.isfinite(dual_norm), denominator.clamp_min(_TINY), math.nan)
+    if isinstance(rho, int | float):  # fold rho into the normaliser: one pass over the tensors
+        eps = _div(direction, denominator / float(rho) if rho != 0 else denominator * math.inf, differentiable)
+        if scale is not None:
+            eps = _apply_scale(eps, scale, inplace=not differentiable)
+        return Perturbation(eps, dual_norm)
+    rho = [float(r) for r in rho]
+    if len(rho) != len(grads):
+        raise ValueError(f"got {len(rho)} radii for {len(grads)} gradients")
     eps = _div(direction, denominator, differentiable)
     if scale is not None:
         eps = _apply_scale(eps, scale, inplace=not differentiable)
-    if isinstance(rho, int | float):
-        rho = float(rho)
-    else:
-        rho = [float(r) for r in rho]
-        if len(rho) != len(grads):
-            raise ValueError(f"got {len(rho)} radii for {len(grads)} gradients")
     if differentiable:
         eps = torch._foreach_mul(eps, rho)
     else:

@@ -210,10 +210,10 @@ class SAM(Optimizer):
             self._run.perturbed = ascent.params
             self._save(ascent.params)
         if ascent.params:
-            w = [self.state[param]["w"] for param in ascent.params]  # ASAM scales by w, not by w + eps
-            eps, dual_norm = perturbation(
-                [param.grad for param in ascent.params], ascent.radii, self.p, ascent.scales(w)
-            )
+            scales = None
+            if ascent.any_scaled:  # ASAM scales by w, not by w + eps
+                scales = ascent.scales([self.state[param]["w"] for param in ascent.params])
+            eps, dual_norm = perturbation([param.grad for param in ascent.params], ascent.rho(), self.p, scales)
             torch._foreach_add_(ascent.params, eps)
             nonfinite = ~torch.isfinite(dual_norm)
             previous = self._run.first_nonfinite
@@ -345,7 +345,7 @@ class SAM(Optimizer):
                 if "w" not in self.state[param]:
                     self.state[param]["w"] = torch.empty_like(param, memory_format=torch.preserve_format)
             torch._foreach_copy_([self.state[param]["w"] for param in params], params)
-        buffers = self._model_buffers()
+        buffers = self._run.buffers = self._model_buffers()
         if len(self._run.buffer_backup) != len(buffers) or any(
             b.shape != c.shape or b.dtype != c.dtype or b.device != c.device
             for b, c in zip(buffers, self._run.buffer_backup, strict=True)
@@ -357,9 +357,8 @@ class SAM(Optimizer):
     def _restore(self) -> None:
         if self._run.perturbed:
             torch._foreach_copy_(self._run.perturbed, [self.state[param]["w"] for param in self._run.perturbed])
-        buffers = self._model_buffers()
-        if buffers:
-            torch._foreach_copy_(buffers, self._run.buffer_backup)
+        if self._run.buffers:
+            torch._foreach_copy_(self._run.buffers, self._run.buffer_backup)
 
     def _end_step(self) -> None:
         self._run.ascents = 0
@@ -405,7 +404,7 @@ class SAM(Optimizer):
         if any(g is None or g.grad_fn is None for g in grads):
             raise RuntimeError("second_order=True: the closure must call loss.backward(create_graph=opt.create_graph)")
         ascent = self._ascent(restrict_to=params)
-        eps, _ = perturbation(grads, ascent.radii, self.p, ascent.scales(params))
+        eps, _ = perturbation(grads, ascent.rho(), self.p, ascent.scales(params))
         dot = torch.stack([(e * v[p]).sum() for e, p in zip(eps, params, strict=True) if p in v]).sum()
         jacobian_v = torch.autograd.grad(dot, params, allow_unused=True)
         self.zero_grad()
@@ -456,6 +455,7 @@ class _StepState:
         self.ascents = 0  # ascent steps taken since the last second_step (0: w is not perturbed)
         self.perturbed: list[Tensor] = []
         self.first_nonfinite: Tensor | None = None
+        self.buffers: list[Tensor] = []  # the model's buffers, listed once per step
         self.buffer_backup: list[Tensor] = []
         self.in_closure = False
         self.create_graph = False
@@ -470,6 +470,15 @@ class _Ascent:
         self.params: list[Tensor] = []
         self.radii: list[float] = []
         self.etas: list[float | None] = []
+
+    @property
+    def any_scaled(self) -> bool:
+        return any(eta is not None for eta in self.etas)
+
+    def rho(self) -> float | list[float]:
+        """One float when every tensor shares the radius (eq. 2 in one pass), else one per tensor."""
+        first = self.radii[0]
+        return first if all(r == first for r in self.radii) else self.radii
 
     def scales(self, at: list[Tensor]) -> list[Tensor | None] | None:
         """ASAM's :math:`T = |w| + \\eta` at ``at`` (one tensor per parameter; differentiable in grad mode)."""
