@@ -28,8 +28,9 @@ def test_every_recipe_has_an_example():
         "grad_accumulation",
         "batchnorm",
         "asam_and_options",
+        "m_sharpness",
     }
-    assert len(SCRIPTS) >= 8
+    assert len(SCRIPTS) >= 9
     assert expected <= names, f"missing: {sorted(expected - names)}"
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sharpness.optim.perturbation import adaptive_scale, dual_exponent, global_norm, perturbation
+from sharpness.optim.perturbation import adaptive_scale, dual_exponent, perturbation
 
 SHAPES = [(7, 3), (5,), (2, 3, 4), (1,)]
 
@@ -93,12 +93,29 @@ def test_nonfinite_gradient_shows_in_the_dual_norm():
     assert not torch.isfinite(dual)
 
 
-def test_low_precision_gradients_keep_their_dtype_and_norm_accumulates_in_float32():
+def test_low_precision_gradients_keep_their_dtype_and_norm_accumulates_in_float64():
     grads = [g.bfloat16() for g in _random(7)]
     eps, dual = perturbation(grads, 0.05, 2.0)
     assert all(e.dtype == torch.bfloat16 for e in eps)
-    assert dual.dtype == torch.float32
-    torch.testing.assert_close(dual, global_norm([g.float() for g in grads]))
+    assert dual.dtype == torch.float64
+    torch.testing.assert_close(dual, torch.cat([g.double().flatten() for g in grads]).norm())
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0, math.inf])
+@pytest.mark.parametrize("magnitude", [1e-36, 1e-25, 1e-20, 1.0, 1e19, 1e30])
+def test_tiny_and_huge_float32_gradients_give_an_exact_radius(p, magnitude):
+    """Squares of these gradients leave float32's range; the norm must not underflow to 0 or overflow to inf."""
+    grads = [(g * magnitude).float() for g in _random(9, torch.float64)]
+    assert all(torch.isfinite(g).all() and (g != 0).all() for g in grads)
+    eps, dual = perturbation(grads, 0.05, p)
+    assert torch.isfinite(dual)
+    flat = torch.cat([e.double().flatten() for e in eps])
+    torch.testing.assert_close(flat.norm(p), torch.tensor(0.05, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_a_zero_gradient_gives_a_zero_perturbation():
+    eps, dual = perturbation([torch.zeros(3), torch.zeros(2, 2)], 0.05, 2.0)
+    assert dual == 0 and all(torch.equal(e, torch.zeros_like(e)) for e in eps)
 
 
 def test_differentiable_for_the_second_order_term():

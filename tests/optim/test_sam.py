@@ -220,7 +220,7 @@ def test_instance_base_optimizer_with_groups_and_per_group_rho():
     base = torch.optim.SGD([{"params": first.parameters()}, {"params": last.parameters(), "lr": 0.01}], lr=0.1)
     opt = SAM([{"params": first.parameters(), "rho": 0.0}, {"params": last.parameters()}], base, rho=0.05)
     assert opt.param_groups is base.param_groups
-    assert [g["rho"] for g in opt.param_groups] == [0.0, 0.05]
+    assert [g["sam_rho"] for g in opt.param_groups] == [0.0, 0.05]
     seen = {}
 
     def closure():

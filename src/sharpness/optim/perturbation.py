@@ -32,8 +32,8 @@ from torch import Tensor
 
 __all__ = ["Perturbation", "dual_exponent", "global_norm", "adaptive_scale", "perturbation"]
 
-# Smallest norm we divide by: a zero gradient gives a zero perturbation instead of NaN.
-_TINY = 1e-30
+# Smallest norm we divide by (float32's smallest normal): a zero gradient gives a zero perturbation, not NaN.
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class Perturbation(NamedTuple):
@@ -42,7 +42,7 @@ class Perturbation(NamedTuple):
     eps: list[Tensor]
     """:math:`\\hat\\epsilon`, one tensor per input gradient."""
     dual_norm: Tensor
-    """:math:`\\|T g\\|_q` as a 0-dim float32 (or float64) tensor; non-finite when any gradient is."""
+    """:math:`\\|T g\\|_q` as a 0-dim float64 tensor (float32 on MPS); non-finite when any gradient is."""
 
 
 def dual_exponent(p: float) -> float:
@@ -52,18 +52,27 @@ def dual_exponent(p: float) -> float:
     return 1.0 if math.isinf(p) else p / (p - 1.0)
 
 
-def global_norm(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
+def global_norm(tensors: Sequence[Tensor], ord: float = 2.0, dtype: torch.dtype | None = None) -> Tensor:
     """The ``ord``-norm of the concatenation of ``tensors``, as a 0-dim tensor.
 
-    Accumulates in float32 (float64 if any tensor is float64) whatever the tensors' dtype, and gathers
-    per-device partial norms onto the first tensor's device (no host synchronisation).
+    Accumulates in ``dtype`` (float64 if a tensor is), by default in float64 whatever the tensors' dtype
+    (float32 on MPS, which has no float64): squares of float32 gradients below 1e-19 or above 1e19 underflow or
+    overflow in float32, not in float64. Per-device partial norms are gathered onto the first tensor's device
+    (no host synchronisation).
     """
     if len(tensors) == 0:
         raise ValueError("global_norm of an empty list")
     device = tensors[0].device
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if dtype is None:
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+    elif any(t.dtype == torch.float64 for t in tensors):
+        dtype = torch.float64  # never narrower than the tensors
     norms = torch._foreach_norm(list(tensors), ord, dtype=dtype)
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), ord)
+    try:
+        stacked = torch.stack(norms)
+    except RuntimeError:  # tensors on several devices
+        stacked = torch.stack([n.to(device) for n in norms])
+    return torch.linalg.vector_norm(stacked, ord)
 
 
 def adaptive_scale(params: Sequence[Tensor], eta: float | Sequence[float] = 0.01) -> list[Tensor]:

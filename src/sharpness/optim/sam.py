@@ -2,6 +2,8 @@ r"""Sharpness-Aware Minimization (Foret, Kleiner, Mobahi, Neyshabur; ICLR 2021),
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -14,7 +16,10 @@ from sharpness.optim.perturbation import adaptive_scale, global_norm, perturbati
 
 __all__ = ["SAM"]
 
-_SAM_GROUP_KEYS = ("rho", "adaptive", "eta")
+# SAM's per-group options live in the group dicts it shares with the base optimizer, under these keys. The bare
+# names are accepted in the groups given to SAM unless the base optimizer has a hyperparameter of that name
+# (Adadelta's ``rho``), which then keeps it.
+_GROUP_KEYS = {"rho": "sam_rho", "adaptive": "sam_adaptive", "eta": "sam_eta"}
 
 
 class SAM(Optimizer):
@@ -34,10 +39,12 @@ class SAM(Optimizer):
     (Appendix C.6: :math:`k` steps of radius :math:`\rho/k`, each along eq. 2 at the current point, so the
     perturbation stays in the ball for every :math:`p`), ``second_order`` (Appendix C.4: the exact gradient of
     :math:`L(w + \hat\epsilon(w))`, adding :math:`(d\hat\epsilon/dw)^\top \nabla L(w + \hat\epsilon)` by a
-    Hessian-vector product; costs a third pass).
+    Hessian-vector product; costs a third pass), and m-sharpness training (§4.1, :meth:`next_subset`).
 
     Args:
-        params: parameters or parameter groups; groups may set ``rho``, ``adaptive`` and ``eta``.
+        params: parameters or parameter groups; groups may set ``rho``, ``adaptive`` and ``eta`` (stored as
+            ``sam_rho``, ``sam_adaptive``, ``sam_eta``; spell them so when the base optimizer has an option of
+            the bare name, as Adadelta has ``rho``).
         base_optimizer: an optimizer class, built on SAM's groups with ``**base_kwargs``, or an optimizer
             instance built on exactly the same parameters.
         rho: radius :math:`\rho \ge 0` of the neighbourhood.
@@ -48,14 +55,15 @@ class SAM(Optimizer):
             code does (biases then get :math:`T = 1`); needs ``model``. Default ``False``: every parameter,
             as in the ASAM paper.
         model: if given, every buffer of the model (BatchNorm running statistics, ``num_batches_tracked``, ...)
-            ends the step exactly as the clean pass left it: the perturbed pass has no side effects.
+            ends the step exactly as the clean pass left it: the perturbed pass has no side effects. Pass it for
+            any model with buffers.
         ascent_steps: number :math:`k` of inner ascent steps (default 1, the paper's SAM).
         second_order: add the second-order term (closure form only; the closure must call
             ``loss.backward(create_graph=opt.create_graph)``).
         max_grad_norm: if set, clip the final (unscaled) gradient to this global 2-norm before the base step.
         skip_nonfinite: skip the base step (and leave :math:`w` untouched) when a gradient of either pass is
-            not finite. With an unfused base optimizer and no ``GradScaler`` this reads one flag on the host
-            per step; fused base optimizers (``fused=True``) skip on the device.
+            not finite. Fused base optimizers (``fused=True``) skip on the device; others need one read of a
+            flag on the host per step.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example::
@@ -102,30 +110,33 @@ class SAM(Optimizer):
             check_positive(max_grad_norm, "max_grad_norm")
         if adaptive_weights_only and model is None:
             raise ValueError("adaptive_weights_only=True needs model= to know which parameters are weights")
-        self.second_order = bool(second_order)
-        self.max_grad_norm = max_grad_norm
-        self.skip_nonfinite = bool(skip_nonfinite)
-        self.model = model
-        self.adaptive_weights_only = bool(adaptive_weights_only)
-        self._sam_defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
-
-        super().__init__(params, dict(self._sam_defaults))
-        for group in self.param_groups:
-            _check_group(group)
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
                 raise TypeError(
                     f"base_optimizer is an instance; options {sorted(base_kwargs)} belong in its constructor"
                 )
-            self._adopt_groups(base_optimizer)
+            self._base_keys = frozenset(base_optimizer.defaults)
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
-            base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+            self._base_keys = frozenset(inspect.signature(base_optimizer).parameters)
         else:
             raise TypeError(f"base_optimizer must be an Optimizer class or instance, got {base_optimizer!r}")
-        self.base_optimizer = base_optimizer  # from here on, param_groups are the base optimizer's
+        self.second_order = bool(second_order)
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.model = model
+        self.adaptive_weights_only = bool(adaptive_weights_only)
+        self._sam_defaults = {"sam_rho": float(rho), "sam_adaptive": bool(adaptive), "sam_eta": float(eta)}
+
+        super().__init__(params, dict(self._sam_defaults))
+        if isinstance(base_optimizer, Optimizer):
+            self._adopt_groups(base_optimizer)
+        else:
+            base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.base_optimizer = base_optimizer  # from here on, param_groups and state are the base optimizer's
         self.defaults = {**base_optimizer.defaults, **self._sam_defaults}  # OneCycleLR looks for 'momentum' here
 
         self._names = {param: name for name, param in model.named_parameters()} if model is not None else {}
+        self._w: dict[Tensor, Tensor] = {}  # SAM's copy of w per perturbed parameter, reused across steps
         # Mutated in place, never reassigned: wrappers that forward attribute reads to this optimizer (Lightning's
         # LightningOptimizer) then still share one step in progress.
         self._run = _StepState()
@@ -145,7 +156,7 @@ class SAM(Optimizer):
         """True only during ``second_order``'s third pass: the closure passes it to ``loss.backward``."""
         return self._run.create_graph
 
-    # ------------------------------------------------------------------ groups
+    # ------------------------------------------------------------------ groups and state: the base optimizer's
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         """The base optimizer's groups, which carry SAM's per-group options: one list, never stale."""
@@ -160,9 +171,32 @@ class SAM(Optimizer):
         else:
             base.param_groups = groups
 
+    @property
+    def state(self) -> dict[Tensor, dict[str, Any]]:  # type: ignore[override]
+        """The base optimizer's per-parameter state (momentum buffers, Adam moments)."""
+        base = getattr(self, "base_optimizer", None)
+        return base.state if base is not None else self.__dict__["_state_before_base"]
+
+    @state.setter
+    def state(self, state: dict[Tensor, dict[str, Any]]) -> None:
+        base = getattr(self, "base_optimizer", None)
+        if base is None:
+            self.__dict__["_state_before_base"] = state
+        else:
+            base.state = state
+
     def _option(self, group: dict[str, Any], key: str) -> Any:
-        """A SAM option of a group (groups loaded from a plain optimizer's state lack them: the defaults)."""
         return group.get(key, self._sam_defaults[key])
+
+    def _rename_sam_keys(self, group: dict[str, Any]) -> None:
+        """Store a group's SAM options under their ``sam_`` keys and check them."""
+        for bare, key in _GROUP_KEYS.items():
+            if bare in group and bare not in self._base_keys:
+                if key in group:
+                    raise ValueError(f"a param group sets both {bare!r} and {key!r}")
+                group[key] = group.pop(bare)
+        check_rho(group.get("sam_rho", 0.0), "a param group's rho")
+        check_positive(group.get("sam_eta", 1.0), "a param group's eta")
 
     def _adopt_groups(self, base: Optimizer) -> None:
         """Give an already-built base optimizer's groups SAM's per-group options (from SAM's own groups)."""
@@ -177,16 +211,16 @@ class SAM(Optimizer):
                     "a param group of base_optimizer spans several SAM param groups; group both the same way"
                 )
             owner = sam_group_of[group["params"][0]]
-            for key in _SAM_GROUP_KEYS:
+            for key in self._sam_defaults:
                 group.setdefault(key, owner[key])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._rename_sam_keys(param_group)
         if getattr(self, "base_optimizer", None) is None:  # called by Optimizer.__init__
             super().add_param_group(param_group)
             return
         for key, value in self._sam_defaults.items():
             param_group.setdefault(key, value)
-        _check_group(param_group)
         self.base_optimizer.add_param_group(param_group)
 
     # ------------------------------------------------------------------ the two passes
@@ -205,6 +239,9 @@ class SAM(Optimizer):
                 f"first_step() called {self._run.ascents + 1} times without second_step() "
                 f"(ascent_steps={self.ascent_steps}); finish the step with second_step() or step()"
             )
+        last_ascent = self._run.ascents + 1 == self.ascent_steps
+        if self._run.subset_grads is not None and last_ascent and not zero_grad:
+            raise ValueError("after next_subset(), first_step() must clear the gradients (zero_grad=True)")
         ascent = self._ascent(restrict_to=self._run.perturbed if self._run.ascents else None)
         if self._run.ascents == 0:
             self._run.perturbed = ascent.params
@@ -212,53 +249,65 @@ class SAM(Optimizer):
         if ascent.params:
             scales = None
             if ascent.any_scaled:  # ASAM scales by w, not by w + eps
-                scales = ascent.scales([self.state[param]["w"] for param in ascent.params])
+                scales = ascent.scales([self._w[param] for param in ascent.params])
             eps, dual_norm = perturbation([param.grad for param in ascent.params], ascent.rho(), self.p, scales)
             torch._foreach_add_(ascent.params, eps)
             nonfinite = ~torch.isfinite(dual_norm)
             previous = self._run.first_nonfinite
             self._run.first_nonfinite = nonfinite if previous is None else previous | nonfinite
         self._run.ascents += 1
-        if zero_grad:
+        if self._run.subset_grads is not None and last_ascent:
+            # m-sharpness: the perturbed backward adds this subset's gradient to the earlier subsets' sum
+            for param, grad in self._run.subset_grads.items():
+                param.grad = grad
+            self._run.subset_grads = None
+        elif zero_grad:
             self.zero_grad()
+
+    @torch.no_grad()
+    def next_subset(self) -> None:
+        r"""m-sharpness (§4.1): close this subset's SAM passes and start the next subset's at :math:`w`.
+
+        To train with a perturbation per subset of the batch (each computed from that subset's own gradient,
+        as each accelerator does when SAM runs data-parallel), run for every subset :math:`S_i` its clean
+        backward, :meth:`first_step` and its perturbed backward, with ``next_subset()`` between subsets and
+        :meth:`second_step` (or ``step()``) after the last. The base optimizer then applies
+
+        .. math:: \sum_i \nabla L_{S_i}(w)\big|_{w + \hat\epsilon_i}, \qquad
+                  \hat\epsilon_i = \hat\epsilon\big(\nabla L_{S_i}(w)\big),
+
+        so weight each subset's mean loss by :math:`|S_i|/|B|` for the mean over the batch. This restores
+        :math:`w` and the model's buffers (as this subset's clean pass left them) and keeps the perturbed
+        gradients, which the last subset's perturbed backward adds to: ``.grad`` holds the sum when
+        ``second_step`` runs, also for ``GradScaler`` and clipping.
+        """
+        if self._run.ascents < self.ascent_steps:
+            raise RuntimeError(
+                "next_subset() needs first_step() and the perturbed pass's backward of the current subset first"
+            )
+        if self.second_order:
+            raise RuntimeError("next_subset() does not support second_order=True")
+        self._restore()
+        self._run.subset_grads = {p: p.grad for group in self.param_groups for p in group["params"]}
+        for param in self._run.subset_grads:
+            param.grad = None
+        self._run.ascents = 0
+        self._run.perturbed = []
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore :math:`w` (and the model's buffers) and let the base optimizer apply the gradients in ``.grad``.
 
-        Call it after the perturbed pass's backward. Under ``GradScaler`` call ``scaler.step(opt)`` instead:
-        it calls this through :meth:`step`, which unscales the gradients and skips on inf/NaN.
+        Call it after the perturbed pass's backward. It runs through :meth:`step`, so step hooks and
+        learning-rate schedulers see one optimizer step. Under ``GradScaler`` call ``scaler.step(opt)`` instead:
+        it calls :meth:`step`, which unscales the gradients and skips on inf/NaN.
         """
         if self._run.ascents == 0:
-            raise RuntimeError("second_step() called without first_step()")
-        self._restore()
-        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in with_grad]
-        # Set by GradScaler.step because of _step_supports_amp_scaling; grad_scale is None if already unscaled.
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is not None:
-            found_inf = torch.as_tensor(found_inf)  # GradScaler passes a plain 0 when no gradient was checked
-        if grad_scale is not None and grads:
-            inv_scale = grad_scale.double().reciprocal().float()
-            for device, group in _by_device(grads).items():
-                torch._foreach_mul_(group, inv_scale.to(device))
-        total_norm = None
-        if grads and self.max_grad_norm is not None:
-            total_norm = torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm, foreach=True)
-
-        skip = None
-        if found_inf is not None or self.skip_nonfinite:
-            flags = [] if self._run.first_nonfinite is None else [self._run.first_nonfinite]
-            if found_inf is not None:
-                flags.append(found_inf > 0)
-            elif total_norm is not None:
-                flags.append(~torch.isfinite(total_norm))
-            elif grads:
-                flags.append(~torch.isfinite(global_norm(grads)))
-            if flags:
-                skip = torch.stack([f.to(flags[0].device) for f in flags]).any()
-        self._base_step(skip)
-        self._end_step()
+            raise RuntimeError(
+                "second_step() called without first_step()"
+                + (" (after next_subset(), run the next subset's passes first)" if self._pending() else "")
+            )
+        self.step()
         if zero_grad:
             self.zero_grad()
 
@@ -283,15 +332,24 @@ class SAM(Optimizer):
         :meth:`second_step` (the path of trainers and ``GradScaler.step`` that call ``optimizer.step()``
         themselves). A bare ``step()`` with neither is an error.
         """
-        if closure is None:
-            if self._run.ascents == 0:
-                raise RuntimeError(
-                    "SAM.step() needs a closure (forward + backward, returning the loss), or must follow "
-                    "first_step() and the perturbed pass's backward"
-                )
-            self.second_step()
-            return None
-        if self._run.ascents:
+        try:
+            if closure is None:
+                if self._run.ascents == 0:
+                    raise RuntimeError(
+                        "SAM.step() needs a closure (forward + backward, returning the loss), or must follow "
+                        "first_step() and the perturbed pass's backward"
+                    )
+                self._finish_step()
+                return None
+            return self._closure_step(closure)
+        except BaseException:
+            # GradScaler.step deletes what it set on us only when our step returns.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _closure_step(self, closure: Callable[[], Tensor]) -> Tensor:
+        if self._pending():
             raise RuntimeError("step(closure) called between first_step() and second_step()")
         if getattr(self, "found_inf", None) is not None:
             raise RuntimeError("GradScaler.step(opt, closure) is not supported: use the two-pass form under GradScaler")
@@ -311,19 +369,55 @@ class SAM(Optimizer):
             raise
         finally:
             self._run.in_closure = False
-        self.second_step()
+        self._finish_step()
         return loss
 
+    @torch.no_grad()
+    def _finish_step(self) -> None:
+        """Restore w and the buffers, unscale and clip the gradients, and run the base step unless skipping."""
+        self._restore()
+        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in with_grad]
+        # Set by GradScaler.step because of _step_supports_amp_scaling; grad_scale is None if already unscaled.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None:
+            found_inf = torch.as_tensor(found_inf)  # GradScaler passes a plain 0 when no gradient was checked
+        if grad_scale is not None and grads:
+            inv_scale = grad_scale.double().reciprocal().float()
+            for device, group in _by_device(grads).items():
+                torch._foreach_mul_(group, inv_scale.to(device))
+        total_norm = None
+        if grads and self.max_grad_norm is not None:
+            total_norm = torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm, foreach=True)
+
+        skip = None
+        if found_inf is not None or self.skip_nonfinite:
+            flags = [] if self._run.first_nonfinite is None else [self._run.first_nonfinite]
+            if found_inf is not None:
+                flags.append(found_inf > 0)
+            elif total_norm is not None:
+                flags.append(~torch.isfinite(total_norm))
+            elif grads:  # a sum of |g| propagates inf and NaN, and cannot overflow for finite float32 gradients
+                flags.append(~torch.isfinite(global_norm(grads, 1.0, dtype=torch.float32)))
+            if flags:
+                skip = torch.stack([f.to(flags[0].device) for f in flags]).any()
+        self._base_step(skip, with_grad)
+        self._end_step()
+
     # ------------------------------------------------------------------ internals
+    def _pending(self) -> bool:
+        """Whether a step is in progress (w perturbed, or subsets' gradients waiting)."""
+        return self._run.ascents > 0 or self._run.subset_grads is not None
+
     def _ascent(self, restrict_to: list[Tensor] | None = None) -> _Ascent:
         """The parameters to perturb (groups with ``rho > 0``, with a gradient) and their options."""
         allowed = None if restrict_to is None else set(restrict_to)
         ascent = _Ascent()
         for group in self.param_groups:
-            rho = self._option(group, "rho")
+            rho = self._option(group, "sam_rho")
             if rho == 0:
                 continue
-            adaptive, eta = self._option(group, "adaptive"), self._option(group, "eta")
+            adaptive, eta = self._option(group, "sam_adaptive"), self._option(group, "sam_eta")
             for param in group["params"]:
                 if param.grad is None or (allowed is not None and param not in allowed):
                     continue
@@ -335,37 +429,48 @@ class SAM(Optimizer):
                 ascent.etas.append(eta if scaled else None)
         return ascent
 
-    def _model_buffers(self) -> list[Tensor]:
-        return [] if self.model is None else list(self.model.buffers())
-
     def _save(self, params: list[Tensor]) -> None:
-        """Copy :math:`w` and the model's buffers, reusing the copy buffers of earlier steps."""
+        """Copy :math:`w` and the model's buffers, reusing the copies of earlier steps."""
         if params:
-            for param in params:
-                if "w" not in self.state[param]:
-                    self.state[param]["w"] = torch.empty_like(param, memory_format=torch.preserve_format)
-            torch._foreach_copy_([self.state[param]["w"] for param in params], params)
-        buffers = self._run.buffers = self._model_buffers()
-        if len(self._run.buffer_backup) != len(buffers) or any(
-            b.shape != c.shape or b.dtype != c.dtype or b.device != c.device
-            for b, c in zip(buffers, self._run.buffer_backup, strict=True)
-        ):
-            self._run.buffer_backup = [torch.empty_like(b) for b in buffers]
+            copies = self._run.copies
+            if len(copies) != len(params) or any(a is not b for a, b in zip(params, self._run.copied, strict=True)):
+                for param in params:
+                    copy = self._w.get(param)
+                    if copy is None or _layout(copy) != _layout(param):
+                        self._w[param] = torch.empty_like(param, memory_format=torch.preserve_format)
+                self._run.copied, copies = list(params), [self._w[param] for param in params]
+                self._run.copies = copies
+            torch._foreach_copy_(copies, params)
+        if self.model is None:
+            return
+        # Buffers by their slot in the module: a module may replace a buffer tensor instead of updating it in
+        # place (``self.count = self.count + 1``); the restore writes into whatever tensor holds the slot then.
+        self._run.buffer_slots = [
+            (module._buffers, name)
+            for module in self.model.modules()
+            for name, buffer in module._buffers.items()
+            if buffer is not None
+        ]
+        buffers = [slots[name] for slots, name in self._run.buffer_slots]
+        backup = self._run.buffer_backup
+        if len(backup) != len(buffers) or any(_layout(b) != _layout(c) for b, c in zip(buffers, backup, strict=True)):
+            backup = self._run.buffer_backup = [torch.empty_like(b) for b in buffers]
         if buffers:
-            torch._foreach_copy_(self._run.buffer_backup, buffers)
+            torch._foreach_copy_(backup, buffers)
 
     def _restore(self) -> None:
         if self._run.perturbed:
-            torch._foreach_copy_(self._run.perturbed, [self.state[param]["w"] for param in self._run.perturbed])
-        if self._run.buffers:
-            torch._foreach_copy_(self._run.buffers, self._run.buffer_backup)
+            torch._foreach_copy_(self._run.perturbed, self._run.copies)
+        if self.model is not None and self._run.buffer_backup:
+            torch._foreach_copy_([slots[name] for slots, name in self._run.buffer_slots], self._run.buffer_backup)
 
     def _end_step(self) -> None:
         self._run.ascents = 0
         self._run.perturbed = []
         self._run.first_nonfinite = None
+        self._run.subset_grads = None
 
-    def _base_step(self, skip: Tensor | None) -> None:
+    def _base_step(self, skip: Tensor | None, with_grad: list[Tensor]) -> None:
         """Run the base optimizer's step unless ``skip`` (a device flag) is set."""
         base = self.base_optimizer
         self._run.last_skipped = skip
@@ -373,13 +478,17 @@ class SAM(Optimizer):
             base.step()
             return
         self._run.skipped_steps = self._run.skipped_steps.to(skip.device) + skip.to(torch.int64)
-        if getattr(base, "_step_supports_amp_scaling", False):  # fused kernels skip on the device
+        # Fused kernels skip on the device. Until every parameter has state, read the flag on the host instead:
+        # torch's fused SGD allocates its momentum with empty_like on a parameter's first step and keeps that
+        # uninitialised memory when the step is skipped.
+        fused = getattr(base, "_step_supports_amp_scaling", False)
+        if fused and all(base.state.get(p) for p in with_grad):
             base.grad_scale, base.found_inf = None, skip.float()  # type: ignore[attr-defined]
             try:
                 base.step()
             finally:
                 del base.grad_scale, base.found_inf  # type: ignore[attr-defined]
-        elif not bool(skip):  # the one host read per step
+        elif not bool(skip):  # one host read per step
             base.step()
 
     def _add_second_order_term(self, closure: Callable[[], Tensor]) -> None:
@@ -397,7 +506,10 @@ class SAM(Optimizer):
         self.zero_grad()
         self._run.create_graph = True
         try:
-            closure()
+            with warnings.catch_warnings():
+                # torch warns of the parameter <-> .grad cycle that create_graph makes; zero_grad below breaks it.
+                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+                closure()
         finally:
             self._run.create_graph = False
         grads = [param.grad for param in params]
@@ -419,7 +531,7 @@ class SAM(Optimizer):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's full state (momenta, moments, groups with SAM's options) and SAM's counters."""
-        if self._run.ascents:
+        if self._pending():
             raise RuntimeError("state_dict() between first_step() and second_step(): w is perturbed")
         return {
             "base_optimizer": self.base_optimizer.state_dict(),
@@ -427,25 +539,36 @@ class SAM(Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load :meth:`state_dict`'s output, or a plain optimizer's state dict into the base optimizer."""
-        if self._run.ascents:
+        """Load :meth:`state_dict`'s output, or a plain optimizer's state dict into the base optimizer.
+
+        Groups loaded from a plain optimizer keep the SAM options the groups had before.
+        """
+        if self._pending():
             raise RuntimeError("load_state_dict() between first_step() and second_step(): w is perturbed")
         if set(state_dict) == {"base_optimizer", "sam"}:
-            self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
-            self._run.skipped_steps = state_dict["sam"]["skipped_steps"].detach().clone()
+            base_state, skipped = state_dict["base_optimizer"], state_dict["sam"]["skipped_steps"]
         elif {"state", "param_groups"} <= set(state_dict):
-            self.base_optimizer.load_state_dict(state_dict)
+            base_state, skipped = state_dict, None
         else:
             raise ValueError(
                 "not an optimizer state dict (expected SAM's keys 'base_optimizer' and 'sam', or "
                 "a plain optimizer's 'state' and 'param_groups')"
             )
+        options = [{key: group[key] for key in self._sam_defaults if key in group} for group in self.param_groups]
+        self.base_optimizer.load_state_dict(base_state)
+        for group, kept in zip(self.param_groups, options, strict=True):
+            for key, value in kept.items():
+                group.setdefault(key, value)
+        if skipped is not None:
+            self._run.skipped_steps = skipped.detach().clone()
 
-    def __getstate__(self) -> dict[str, Any]:  # Optimizer's keeps only three attributes
-        return dict(self.__dict__)
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer's keeps only defaults, state and groups; SAM needs all of its attributes. A scheduler's
+        # wrapper of ``step`` (an instance attribute holding a weak reference to this object) is left behind.
+        return {key: value for key, value in self.__dict__.items() if key != "step"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        super().__setstate__(state)
 
 
 class _StepState:
@@ -455,7 +578,10 @@ class _StepState:
         self.ascents = 0  # ascent steps taken since the last second_step (0: w is not perturbed)
         self.perturbed: list[Tensor] = []
         self.first_nonfinite: Tensor | None = None
-        self.buffers: list[Tensor] = []  # the model's buffers, listed once per step
+        self.subset_grads: dict[Tensor, Tensor | None] | None = None  # m-sharpness: earlier subsets' gradients
+        self.copied: list[Tensor] = []  # the parameters whose copies of w are in ``copies``, in that order
+        self.copies: list[Tensor] = []
+        self.buffer_slots: list[tuple[dict[str, Tensor], str]] = []  # (module._buffers, name) per buffer
         self.buffer_backup: list[Tensor] = []
         self.in_closure = False
         self.create_graph = False
@@ -491,9 +617,8 @@ class _Ascent:
         return out
 
 
-def _check_group(group: dict[str, Any]) -> None:
-    check_rho(group["rho"], "a param group's rho")
-    check_positive(group["eta"], "a param group's eta")
+def _layout(t: Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
+    return t.shape, t.dtype, t.device
 
 
 def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
