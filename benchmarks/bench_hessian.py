@@ -7,7 +7,12 @@ number of Lanczos / power iterations:
   our power iteration;
 * top-5: PyHessian's power iteration with deflation, ``maxIter`` iterations per eigenvalue,
   against our Lanczos with the same ``maxIter`` iterations in all;
-* density: PyHessian's SLQ (``density(iter, n_v)``) against ours (same starts and iterations).
+* density: PyHessian's SLQ (``density(iter, n_v)``) against ours (same starts and iterations);
+* per product: the time of one Hessian-vector product, on an operator / PyHessian object built
+  beforehand (``--iters`` products timed, divided by their number).
+
+PyHessian draws its random vectors from torch's global generator, so ``torch.manual_seed(0)`` is
+called before every PyHessian call: its figures are reproducible from run to run.
 
 ``tol`` is 0 for PyHessian so that it runs exactly the iterations asked (its default 1e-3 stops
 earlier and less accurately). Accuracy is measured against a reference from our float64 Lanczos
@@ -23,7 +28,8 @@ wrapper around ``torch.linalg.eigh`` returning PyHessian's expected ``(values wi
 imaginary column, vectors)``. Nothing else of PyHessian is changed.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_hessian.py --device cpu`` (``pip install
-pyhessian==0.1``, the ``bench`` extra); ``--device cuda`` on a GPU.
+pyhessian==0.1``, the ``bench`` extra); ``python benchmarks/bench_hessian.py --device cuda --repeats 5
+--json bench_cuda.json`` on a GPU.
 """
 
 from __future__ import annotations
@@ -82,6 +88,16 @@ def train_briefly(model: nn.Module, batches, steps: int = 30) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def seeded(fn: Callable) -> Callable:
+    """``fn`` with torch's global generator (PyHessian's source of random vectors) reseeded first."""
+
+    def run():
+        torch.manual_seed(0)
+        return fn()
+
+    return run
+
+
 def clock(fn: Callable, device: torch.device) -> tuple[float, object]:
     """Wall time of one call (synchronising the GPU around it) and its result."""
     if device.type == "cuda":
@@ -107,6 +123,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pyhessian import hessian as PyHessian
+    from pyhessian.utils import hessian_vector_product, normalization
 
     torch.eig = _eig_shim  # type: ignore[attr-defined]  # see the module docstring
     warnings.filterwarnings("ignore", message=".*create_graph=True.*")
@@ -120,6 +137,9 @@ def main() -> None:
     data = [(x.to(device), y.to(device)) for x, y in data]
     num_params = sum(p.numel() for p in model.parameters())
     single = args.batches == 1
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    )
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
         return F.cross_entropy(m(batch[0]), batch[1])
@@ -136,8 +156,8 @@ def main() -> None:
     ref_top = ref.eigenvalues.tolist()
     print(
         f"model: small CNN, {num_params} parameters; data: {args.batches} x {args.batch_size} "
-        f"images 3x16x16; device: {device} ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads); torch {torch.__version__}"
+        f"images 3x16x16; device: {device} ({device_name}, {torch.get_num_threads()} threads); "
+        f"torch {torch.__version__}"
     )
     print(
         f"reference (float64 Lanczos, {args.reference_iters} iterations): top-5 = "
@@ -147,50 +167,73 @@ def main() -> None:
 
     # Warm-up: one product each (allocator, autograd, first-call overheads).
     ours().matvec(torch.randn(num_params, device=device))
-    pyhessian().eigenvalues(maxIter=1, top_n=1)
+    seeded(lambda: pyhessian().eigenvalues(maxIter=1, top_n=1))()
 
     # One batch: graphs cached on both sides. Several: recomputed on both sides, and ours cached too.
     variants = [("sharpness", None)] + ([] if single else [("sharpness, cached graphs", True)])
     n, k, s = args.iters, args.slq_iters, args.slq_starts
     # (task, implementation, HVPs, run, eigenvalues of its result); the operator or PyHessian object
-    # is built inside the timed call, as a user would.
+    # is built inside the timed call, as a user would. Our Lanczos runs as by default, with one
+    # extra product per eigenvalue for its explicit (float32) Ritz residuals.
     # fmt: off
-    jobs: list[tuple[str, str, int, Callable, Callable]] = []
+    jobs: list[tuple[str, str, int | Callable, Callable, Callable]] = []
 
-    def add(task: str, impl: str, hvps: int, run: Callable, values: Callable) -> None:
+    def add(task: str, impl: str, hvps: int | Callable, run: Callable, values: Callable) -> None:
         jobs.append((task, impl, hvps, run, values))
 
+    def lanczos_hvps(r) -> int:
+        return r.num_iters + (len(r.eigenvalues) if r.residual_kind == "explicit" else 0)
+
     add("top-1", "PyHessian power iteration", n,
-        lambda: pyhessian().eigenvalues(maxIter=n, tol=0.0, top_n=1), lambda r: r[0])
+        seeded(lambda: pyhessian().eigenvalues(maxIter=n, tol=0.0, top_n=1)), lambda r: r[0])
     for name, c in variants:
         add("top-1", f"{name} power iteration", n,
             lambda c=c: power_iteration(ours(cache=c), max_iters=n, tol=0.0), lambda r: [r.eigenvalue])
-        add("top-1", f"{name} Lanczos", n,
+        add("top-1", f"{name} Lanczos", lanczos_hvps,
             lambda c=c: top_eigenpairs(ours(cache=c), 1, num_iters=n), lambda r: r.eigenvalues.tolist())
     add("top-5", "PyHessian power iteration + deflation", 5 * n,
-        lambda: pyhessian().eigenvalues(maxIter=n, tol=0.0, top_n=5), lambda r: r[0])
+        seeded(lambda: pyhessian().eigenvalues(maxIter=n, tol=0.0, top_n=5)), lambda r: r[0])
     for name, c in variants:
-        add("top-5", f"{name} Lanczos", n,
+        add("top-5", f"{name} Lanczos", lanczos_hvps,
             lambda c=c: top_eigenpairs(ours(cache=c), 5, num_iters=n), lambda r: r.eigenvalues.tolist())
     add("density", "PyHessian SLQ", k * s,
-        lambda: pyhessian().density(iter=k, n_v=s), lambda r: [max(max(x) for x in r[0])])
+        seeded(lambda: pyhessian().density(iter=k, n_v=s)), lambda r: [max(max(x) for x in r[0])])
     for name, c in variants:
         add("density", f"{name} SLQ", k * s,
             lambda c=c: spectral_density(ours(cache=c), num_starts=s, num_iters=k),
             lambda r: [max(float(x.max()) for x in r.nodes)])
+
+    # Per product, on objects built once: n products of the same unit vector each.
+    ph = seeded(pyhessian)()
+    torch.manual_seed(0)
+    ph_v = normalization([torch.randn(p.size(), device=device) for p in ph.params])
+    if single:
+        ph_product = lambda: hessian_vector_product(ph.gradsH, ph.params, ph_v)  # noqa: E731
+    else:
+        ph_product = lambda: ph.dataloader_hv_product(ph_v)  # noqa: E731
+    products: list[tuple[str, Callable]] = [("PyHessian", ph_product)]
+    for name, c in variants:
+        op = ours(cache=c)
+        v = torch.nn.functional.normalize(torch.randn(num_params, device=device), dim=0)
+        products.append((name, lambda op=op, v=v: op.matvec(v)))
     # fmt: on
 
     # Repeats run round-robin, so that a change of load on a shared machine hits every job alike.
     best = [float("inf")] * len(jobs)
     results: list[object] = [None] * len(jobs)
+    per_hvp = [float("inf")] * len(products)
     for _ in range(args.repeats):
         for i, (_, _, _, run, _) in enumerate(jobs):
             seconds, results[i] = clock(run, device)
             best[i] = min(best[i], seconds)
+        for i, (_, product) in enumerate(products):
+            seconds, _ = clock(lambda product=product: [product() for _ in range(n)], device)
+            per_hvp[i] = min(per_hvp[i], seconds / n)
     rows = []
     for (task, impl, hvps, _, values_of), seconds, result in zip(jobs, best, results, strict=True):
         values = [float(v) for v in values_of(result)]
         err = max(abs(v - r) / abs(r) for v, r in zip(values, ref_top, strict=False))
+        hvps = hvps(result) if callable(hvps) else hvps
         rows.append({"task": task, "library": impl, "seconds": seconds, "hvps": hvps, "eigenvalues": values,
                      "max_rel_error": err})  # fmt: skip
 
@@ -202,10 +245,23 @@ def main() -> None:
             f"| {r['task']} | {r['library']} | {r['seconds']:.3f} | {r['hvps']} | {r['max_rel_error']:.1e} | {values} |"
         )
     print("(density: the eigenvalue is the largest SLQ node, compared with the reference lambda_max)")
+    print(f"\n| per product ({n} products, best of {args.repeats}) | ms per HVP |")
+    print("|---|---:|")
+    for (impl, _), seconds in zip(products, per_hvp, strict=True):
+        print(f"| {impl} | {1000 * seconds:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"args": vars(args), "num_params": num_params, "reference": ref_top, "rows": rows},
+                {
+                    "args": vars(args),
+                    "torch": torch.__version__,
+                    "device_name": device_name,
+                    "num_params": num_params,
+                    "reference": ref_top,
+                    "reference_max_residual": float(ref.residuals.max()),
+                    "rows": rows,
+                    "ms_per_hvp": {impl: 1000 * t for (impl, _), t in zip(products, per_hvp, strict=True)},
+                },
                 f,
                 indent=1,
             )

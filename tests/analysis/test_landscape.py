@@ -167,3 +167,136 @@ def test_a_model_without_batchnorm_ignores_recalibration(mlp_problem):
     recal = landscape_1d(model, ce_loss, batches, alphas=[0.2], seed=0, recalibration_batches=batches)
     assert plain["loss"] == recal["loss"]
     assert isinstance(model[0], nn.Linear)
+
+
+def perturbed_bn_cnn() -> nn.Module:
+    model = make_bn_cnn()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.3).add_(0.05)
+        model[1].running_mean.add_(0.2)
+    return model
+
+
+@pytest.mark.parametrize("make_host", ["mlp", "bn"])
+def test_interpolation_from_the_hosts_live_state_dict(mlp_problem, bn_problem, make_host):
+    """Both ends may be live tensors of the host: extrapolating must not overwrite them."""
+    prob = mlp_problem if make_host == "mlp" else bn_problem
+    host, batches = prob.model, prob.batches
+    other = copy.deepcopy(host)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.3)
+    alphas = [-0.5, 0.0, 0.5, 1.0, 1.5]
+    reference = interpolation_1d(
+        copy.deepcopy(host),
+        ce_loss,
+        batches,
+        copy.deepcopy(host.state_dict()),
+        copy.deepcopy(other.state_dict()),
+        alphas=alphas,
+        progress=False,
+    )
+    before, before_other = state_copy(host), state_copy(other)
+    live = interpolation_1d(
+        host, ce_loss, batches, host.state_dict(), other.state_dict(), alphas=alphas, progress=False
+    )
+    assert live["loss"] == reference["loss"]
+    assert live["loss"][1] == batch_loss(copy.deepcopy(host), batches)
+    assert live["loss"][3] == batch_loss(copy.deepcopy(other), batches)
+    assert_state_equal(host, before)
+    assert_state_equal(other, before_other)
+
+
+def mixed_state(state_a: dict, state_b: dict, alpha: float, clamp: bool) -> dict:
+    out = {}
+    for k, a in state_a.items():
+        if not a.is_floating_point():
+            out[k] = state_a[k] if alpha < 0.5 else state_b[k]
+            continue
+        v = a * (1.0 - alpha) + state_b[k] * alpha
+        out[k] = v.clamp_min(0.0) if clamp and k.endswith("running_var") else v
+    return out
+
+
+def test_extrapolated_batchnorm_variances_are_clamped_at_zero(bn_problem):
+    batches = bn_problem.batches
+    model_a, model_b = bn_problem.model, perturbed_bn_cnn()
+    with torch.no_grad():  # channel 0's variance shrinks 10x from a to b: negative at alpha = 1.5
+        model_b[1].running_var[0] = 0.1 * model_a[1].running_var[0]
+    state_a, state_b = copy.deepcopy(model_a.state_dict()), copy.deepcopy(model_b.state_dict())
+    res = interpolation_1d(make_bn_cnn(), ce_loss, batches, state_a, state_b, alphas=[-0.5, 1.0, 1.5], progress=False)
+    assert res["clamped_variances"] == 1
+    for alpha, loss in zip(res["alphas"], res["loss"], strict=True):
+        ref = make_bn_cnn()
+        ref.load_state_dict(mixed_state(state_a, state_b, alpha, clamp=True))
+        assert loss == pytest.approx(batch_loss(ref, batches), rel=1e-6)
+        assert torch.isfinite(torch.tensor(loss))
+    unclamped = make_bn_cnn()  # guards the test: without the clamp the loss is NaN there
+    unclamped.load_state_dict(mixed_state(state_a, state_b, 1.5, clamp=False))
+    assert torch.isnan(torch.tensor(batch_loss(unclamped, batches)))
+    recal = interpolation_1d(
+        make_bn_cnn(), ce_loss, batches, state_a, state_b, alphas=[1.5], recalibration_batches=batches, progress=False
+    )
+    assert recal["recalibrated"] and recal["clamped_variances"] is None
+    ref = make_bn_cnn()
+    ref.load_state_dict(mixed_state(state_a, state_b, 1.5, clamp=True))
+    recalibrate_bn(ref, ce_loss, batches)
+    assert recal["loss"][0] == pytest.approx(batch_loss(ref, batches), rel=1e-6)
+
+
+def float64_problem(prob):
+    return prob.model.double(), [(x.double(), y) for x, y in prob.batches]
+
+
+@pytest.mark.parametrize("problem", ["mlp_problem", "bn_problem"])
+def test_batched_grid_points_equal_the_sequential_ones(problem, request):
+    model, batches = float64_problem(request.getfixturevalue(problem))
+    before = state_copy(model)
+    kw = {"metrics": {"accuracy": accuracy}, "progress": False, "seed": 2}
+    axes = {"alphas": [-1.0, -0.3, 0.0, 0.4, 1.0], "betas": [-0.5, 0.0, 0.7]}
+    seq = landscape_2d(model, ce_loss, batches, **axes, **kw)
+    par = landscape_2d(model, ce_loss, batches, **axes, points_per_batch=4, **kw)  # 15 points: chunks 4,4,4,3
+    assert_state_equal(model, before)
+    assert not seq["batched"] and par["batched"] and par["points_per_batch"] == 4
+    assert torch.allclose(torch.tensor(par["loss"]), torch.tensor(seq["loss"]), rtol=1e-12, atol=0)
+    assert par["metrics"]["accuracy"] == seq["metrics"]["accuracy"]
+    one = landscape_1d(model, ce_loss, batches, alphas=axes["alphas"], points_per_batch=16, **kw)
+    assert one["batched"]
+    ref_1d = landscape_1d(model, ce_loss, batches, alphas=axes["alphas"], **kw)
+    assert torch.allclose(torch.tensor(one["loss"]), torch.tensor(ref_1d["loss"]), rtol=1e-12, atol=0)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.2)
+        for name, b in other.named_buffers():
+            if name.endswith("running_var"):
+                b.mul_(0.2)  # negative (clamped) variances beyond alpha = 1
+    ends = (copy.deepcopy(model.state_dict()), copy.deepcopy(other.state_dict()))
+    alphas = [-0.5, 0.0, 0.5, 1.0, 1.5, 2.0]
+    seq_i = interpolation_1d(model, ce_loss, batches, *ends, alphas=alphas, progress=False)
+    par_i = interpolation_1d(model, ce_loss, batches, *ends, alphas=alphas, points_per_batch=4, progress=False)
+    assert par_i["batched"] and par_i["clamped_variances"] == seq_i["clamped_variances"]
+    assert seq_i["clamped_variances"] == (2 if problem == "bn_problem" else 0)
+    assert torch.allclose(torch.tensor(par_i["loss"]), torch.tensor(seq_i["loss"]), rtol=1e-12, atol=0)
+    assert_state_equal(model, before)
+
+
+def test_batched_path_falls_back_where_it_does_not_apply(bn_problem):
+    model, batches = float64_problem(bn_problem)
+    alphas = [-0.5, 0.0, 0.5]
+    seq = landscape_1d(model, ce_loss, batches, alphas=alphas, bn_mode="train", progress=False)
+    par = landscape_1d(model, ce_loss, batches, alphas=alphas, bn_mode="train", points_per_batch=3, progress=False)
+    assert not par["batched"] and par["loss"] == seq["loss"]
+    recal = landscape_1d(model, ce_loss, batches, alphas=alphas, recalibration_batches=batches, points_per_batch=3)
+    assert not recal["batched"]
+
+    def item_loss(m, batch):  # .item() cannot run under vmap
+        return torch.tensor(ce_loss(m, batch).item(), dtype=torch.float64)
+
+    with pytest.warns(RuntimeWarning, match="one by one"):
+        fallback = landscape_1d(model, item_loss, batches, alphas=alphas, points_per_batch=3, progress=False)
+    assert not fallback["batched"]
+    assert fallback["loss"] == landscape_1d(model, ce_loss, batches, alphas=alphas, progress=False)["loss"]
+    with pytest.raises(ValueError):
+        landscape_1d(model, ce_loss, batches, alphas=alphas, points_per_batch=0)

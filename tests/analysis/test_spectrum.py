@@ -16,6 +16,7 @@ from sharpness.analysis import (
     plot_density,
     plot_landscape_1d,
     plot_landscape_2d,
+    plot_m_sharpness,
     save_result,
 )
 
@@ -110,12 +111,35 @@ def test_plots_write_pngs(tmp_path, bn_problem):
         progress=False,
     )
     one = landscape_1d(model, ce_loss, batches, alphas=[-1.0, 0.0, 1.0], progress=False)
+    sharp = [m_sharpness(model, ce_loss, batches, m=m, rho=0.05, progress=False) for m in (2, 4)]
     two = landscape_2d(model, ce_loss, batches, alphas=[-1.0, 0.0, 1.0], betas=[-1.0, 0.0, 1.0], progress=False)
     paths = [
         plot_density(spec, tmp_path / "density.png"),
         plot_density(spec["density"], tmp_path / "density_only.png"),
         plot_landscape_1d({"SGD": one, "SAM": one}, tmp_path / "sub" / "one.png", log=True),
         plot_landscape_2d(two, tmp_path / "two.png", log=True),
+        plot_m_sharpness(sharp, tmp_path / "m_several.png"),
+        plot_m_sharpness(sharp[:1], tmp_path / "m_one.png"),
     ]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    nan, inf = float("nan"), float("inf")
+    result = {"loss": [0.5, nan, 2.0], "grid": [[1.0, inf], [0.0, 1.0]], "ratio": nan, "info": {"x": -inf, "n": 3}}
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    text = save_result(result, tmp_path / "r.json").read_text()
+    assert json.loads(text, parse_constant=refuse) == {
+        "loss": [0.5, None, 2.0],
+        "grid": [[1.0, None], [0.0, 1.0]],
+        "ratio": None,
+        "info": {"x": None, "n": 3},
+    }
+    back = load_result(save_result(result, tmp_path / "r.npz"))
+    assert back["loss"][0] == 0.5 and back["loss"][1] != back["loss"][1]  # NaN stays NaN in arrays
+    assert back["grid"][0][1] == inf
+    assert back["ratio"] is None and back["info"] == {"x": None, "n": 3}

@@ -11,7 +11,8 @@ parameters, buffers and training flags bit-identical.
 * Loss landscapes: :func:`interpolation_1d`, :func:`landscape_1d`, :func:`landscape_2d`, with
   filter-normalised :func:`random_direction` and :func:`recalibrate_bn`.
 * Output: :func:`save_result` / :func:`load_result` (JSON, NPZ), :func:`plot_density`,
-  :func:`plot_landscape_1d`, :func:`plot_landscape_2d`.
+  :func:`plot_landscape_1d`, :func:`plot_landscape_2d`, :func:`plot_m_sharpness`.
+* Random probes: :func:`random_vector`, :func:`derive_seed` (:mod:`sharpness.analysis.probes`).
 """
 
 from sharpness.analysis.density import SpectralDensity, gaussian_density, slq_quadrature, spectral_density
@@ -28,8 +29,9 @@ from sharpness.analysis.landscape import (
 from sharpness.analysis.m_sharpness import m_sharpness
 from sharpness.analysis.model_state import preserved_state
 from sharpness.analysis.operators import LinearOperator, MatrixOperator
-from sharpness.analysis.plots import plot_density, plot_landscape_1d, plot_landscape_2d
+from sharpness.analysis.plots import plot_density, plot_landscape_1d, plot_landscape_2d, plot_m_sharpness
 from sharpness.analysis.power_iteration import PowerResult, power_iteration
+from sharpness.analysis.probes import derive_seed, random_vector
 from sharpness.analysis.results import load_result, save_result
 from sharpness.analysis.spectrum import hessian_spectrum
 from sharpness.analysis.trace import TraceEstimate, hutchinson_trace
@@ -44,6 +46,7 @@ __all__ = [
     "PowerResult",
     "SpectralDensity",
     "TraceEstimate",
+    "derive_seed",
     "evaluate",
     "filter_normalize",
     "gaussian_density",
@@ -59,8 +62,10 @@ __all__ = [
     "plot_density",
     "plot_landscape_1d",
     "plot_landscape_2d",
+    "plot_m_sharpness",
     "power_iteration",
     "preserved_state",
+    "random_vector",
     "random_direction",
     "recalibrate_bn",
     "save_result",

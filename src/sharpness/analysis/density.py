@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from sharpness.analysis.lanczos import lanczos, tridiagonal_eigh
-from sharpness.analysis.operators import LinearOperator, random_vector
+from sharpness.analysis.operators import LinearOperator
+from sharpness.analysis.probes import probe_generator, random_vector
 from sharpness.analysis.progress import progress_bar
 
 __all__ = ["SpectralDensity", "slq_quadrature", "gaussian_density", "spectral_density"]
@@ -71,14 +72,15 @@ def slq_quadrature(
     steps each (``num_starts * num_iters`` operator products).
 
     Start :math:`r` is the :math:`r`-th vector drawn by
-    :func:`~sharpness.analysis.operators.random_vector` from ``torch.Generator().manual_seed(seed)``.
+    :func:`~sharpness.analysis.probes.random_vector` from
+    ``probe_generator(seed, op.device)``, on the operator's device and in its dtype.
     """
     if num_starts < 1:
         raise ValueError("num_starts must be >= 1")
-    gen = torch.Generator().manual_seed(seed)
+    gen = probe_generator(seed, op.device)
     nodes, weights = [], []
     for _ in progress_bar(range(num_starts), desc="SLQ starts", enabled=progress):
-        v = random_vector(op.dim, gen, distribution=distribution, dtype=op.dtype, device=op.device)
+        v = random_vector(op.dim, gen, distribution=distribution, dtype=op.dtype)
         run = lanczos(op, num_iters, start=v)
         theta, s = tridiagonal_eigh(run.alpha, run.beta)
         nodes.append(theta)

@@ -52,9 +52,10 @@ class HessianOperator:
         bn_mode: ``"eval"`` or ``"train"``.
         weights: per-batch weights (normalised to sum 1); default :math:`n_b/N`.
         cache_graphs: build each batch's gradient graph once and keep it, so every product costs
-            one backward pass per batch instead of a forward and two backwards (about 1.8x faster
-            on a small CNN) at the memory of all batches' graphs. ``None`` (default): cache only
-            when there is a single batch, whose graph every product needs in memory anyway.
+            one backward pass per batch instead of a forward and two backwards (about 1.6x faster
+            on a small CNN, ``benchmarks/bench_hessian.py``) at the memory of all batches'
+            graphs. ``None`` (default): cache only when there is a single batch, whose graph
+            every product needs in memory anyway.
 
     With cached graphs the operator is the Hessian at the weights it was built at; otherwise
     every product uses the model's current weights. Vectors are flat 1-D tensors in the order of

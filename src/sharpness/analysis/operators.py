@@ -4,7 +4,8 @@ Lanczos, power iteration, stochastic Lanczos quadrature and Hutchinson's estimat
 :math:`v \\mapsto Av` on flat 1-D tensors, so they accept anything with the
 :class:`LinearOperator` interface: the Hessian of a training loss
 (:class:`~sharpness.analysis.hessian.HessianOperator`) or an explicit matrix
-(:class:`MatrixOperator`).
+(:class:`MatrixOperator`). Their random probes come from :mod:`sharpness.analysis.probes`
+(:func:`random_vector` is re-exported here).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from sharpness.analysis.probes import random_vector
 
 __all__ = ["LinearOperator", "MatrixOperator", "random_vector"]
 
@@ -44,22 +47,3 @@ class MatrixOperator:
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`Av`."""
         return self.matrix @ v
-
-
-def random_vector(
-    dim: int,
-    generator: torch.Generator,
-    *,
-    distribution: str = "gaussian",
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """A random vector drawn on the CPU from ``generator`` (so a seed gives the same vector on any
-    device), then moved: standard Gaussian entries, or Rademacher entries (:math:`\\pm1`)."""
-    if distribution == "gaussian":
-        v = torch.randn(dim, generator=generator, dtype=torch.float64)
-    elif distribution == "rademacher":
-        v = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
-    else:
-        raise ValueError(f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}")
-    return v.to(device=device, dtype=dtype)

@@ -4,16 +4,18 @@
 * :func:`plot_landscape_1d`: several 1-D curves (interpolations or random slices) on one axis,
   e.g. SGD against SAM.
 * :func:`plot_landscape_2d`: contour and surface of a 2-D slice, side by side.
+* :func:`plot_m_sharpness`: m-sharpness against m with 95% error bars (several m, paper §4.1),
+  or the histogram of the per-subset values (one m).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_density", "plot_landscape_1d", "plot_landscape_2d"]
+__all__ = ["plot_density", "plot_landscape_1d", "plot_landscape_2d", "plot_m_sharpness"]
 
 
 def _figure(width: float, height: float):
@@ -115,4 +117,40 @@ def plot_landscape_2d(
     ax3.set_title(f"{label}: surface")
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_m_sharpness(results: Sequence[Mapping], path: str | Path, *, title: str | None = None) -> Path:
+    r"""Plot :func:`~sharpness.analysis.m_sharpness.m_sharpness` results.
+
+    Several results (different ``m``): sharpness against ``m`` on a logarithmic axis, with error
+    bars of :math:`\pm 1.96` standard errors over subsets. One result: the histogram of its
+    per-subset values, with their mean marked.
+    """
+    fig = _figure(5.0, 3.6)
+    ax = fig.add_subplot()
+    if len(results) == 1:
+        res = results[0]
+        values = np.asarray(res["per_subset"], dtype=float)
+        ax.hist(values, bins=max(5, min(50, int(np.sqrt(values.size)) + 1)), color="C0", alpha=0.8)
+        ax.axvline(res["sharpness"], color="C3", ls="--", lw=1.0, label=f"mean {res['sharpness']:.3g}")
+        ax.set_xlabel(f"max L_S(w+eps) - L_S(w) per subset (m = {res['m']}, rho = {res['rho']:g})")
+        ax.set_ylabel("subsets")
+        ax.legend(frameon=False)
+    else:
+        ordered = sorted(results, key=lambda r: r["m"])
+        ms = [r["m"] for r in ordered]
+        ax.errorbar(
+            ms,
+            [r["sharpness"] for r in ordered],
+            yerr=[1.96 * r["sharpness_stderr"] for r in ordered],
+            marker="o",
+            capsize=3,
+            lw=1.2,
+        )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ms, [str(m) for m in ms])
+        ax.set_xlabel("m (examples per subset)")
+        ax.set_ylabel(f"m-sharpness (rho = {ordered[0]['rho']:g})")
+    ax.set_title(title or "m-sharpness")
     return _save(fig, path)

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from sharpness.analysis.operators import LinearOperator, random_vector
+from sharpness.analysis.operators import LinearOperator
+from sharpness.analysis.probes import probe_generator, random_vector
 from sharpness.analysis.progress import progress_bar
 
 __all__ = ["PowerResult", "power_iteration"]
@@ -41,12 +42,12 @@ def power_iteration(
     seed: int = 0,
     progress: bool = False,
 ) -> PowerResult:
-    """Dominant eigenpair of ``op`` by power iteration from a seeded Gaussian start.
+    """Dominant eigenpair of ``op`` by power iteration from a seeded Gaussian start (drawn on the
+    operator's device, :mod:`sharpness.analysis.probes`).
 
     One operator product per iteration; ``tol <= 0`` runs exactly ``max_iters`` iterations.
     """
-    gen = torch.Generator().manual_seed(seed)
-    v = random_vector(op.dim, gen, dtype=op.dtype, device=op.device)
+    v = random_vector(op.dim, probe_generator(seed, op.device), dtype=op.dtype)
     v = v / torch.linalg.vector_norm(v)
     theta, residual, it = 0.0, float("inf"), 0
     for it in progress_bar(range(1, max_iters + 1), desc="power iteration", enabled=progress):

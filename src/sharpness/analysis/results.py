@@ -3,19 +3,35 @@
 In an NPZ file every numeric list (at any depth of nesting, keys joined with ``/``) becomes an
 array, and everything else (scalars, strings, ``None``) is kept as one JSON string under
 ``__meta__``; :func:`load_result` rebuilds the dict, arrays back to lists.
+
+JSON is written strictly (RFC 8259 has no NaN or infinity): a non-finite float, e.g. the loss of
+a diverged landscape point, is written as ``null`` and reads back as ``None``. In NPZ arrays it
+stays a float NaN / infinity; outside arrays it becomes ``None`` as in JSON.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["save_result", "load_result"]
+__all__ = ["save_result", "load_result", "finite_or_none"]
 
 _META = "__meta__"
+
+
+def finite_or_none(x: Any) -> Any:
+    """``x`` with every non-finite float (at any depth of dicts, lists, tuples) replaced by ``None``."""
+    if isinstance(x, float | np.floating):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [finite_or_none(v) for v in x]
+    return x
 
 
 def _is_numeric_list(x: Any) -> bool:
@@ -47,12 +63,12 @@ def save_result(result: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
-        path.write_text(json.dumps(result, indent=1))
+        path.write_text(json.dumps(finite_or_none(result), indent=1, allow_nan=False))
     elif path.suffix == ".npz":
         arrays: dict[str, np.ndarray] = {}
         meta: dict[str, Any] = {}
         _flatten(result, "", arrays, meta)
-        np.savez(path, **arrays, **{_META: np.array(json.dumps(meta))})
+        np.savez(path, **arrays, **{_META: np.array(json.dumps(finite_or_none(meta), allow_nan=False))})
     else:
         raise ValueError(f"unknown result format {path.suffix!r}: use .json or .npz")
     return path

@@ -21,6 +21,7 @@ from sharpness.analysis.hessian import HessianOperator, LossFn
 from sharpness.analysis.lanczos import top_eigenpairs
 from sharpness.analysis.model_state import BNMode, preserved_state
 from sharpness.analysis.power_iteration import power_iteration
+from sharpness.analysis.probes import derive_seed
 from sharpness.analysis.trace import hutchinson_trace
 
 __all__ = ["hessian_spectrum"]
@@ -50,6 +51,7 @@ def hessian_spectrum(
     bn_mode: BNMode = "eval",
     weights: Sequence[float] | None = None,
     cache_graphs: bool | None = None,
+    ritz_residuals: str = "auto",
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -66,15 +68,20 @@ def hessian_spectrum(
             estimate and its stopping rule (:func:`~sharpness.analysis.trace.hutchinson_trace`).
         density, slq_starts, slq_iters, sigma, sigma_rel: the SLQ density
             (:func:`~sharpness.analysis.density.spectral_density`).
-        seed: seeds every random vector.
+        ritz_residuals: how the Lanczos residuals are computed, ``"auto"`` (explicitly, with
+            ``top_k`` extra products, unless the products are float64), ``"lanczos"`` or
+            ``"explicit"`` (:func:`~sharpness.analysis.lanczos.top_eigenpairs`).
+        seed: seeds every random vector; each method draws from its own stream
+            (:func:`~sharpness.analysis.probes.derive_seed` of ``seed`` and the method's name,
+            recorded under ``seeds``), so no two methods share a probe.
         progress: show progress bars (only on a terminal).
 
     Returns:
-        ``num_params``, ``top_eigenvalues`` (descending) with their Lanczos ``ritz_residuals``
-        (error bounds), ``lambda_max``, ``lambda_max_over_lambda_5`` (``None`` when ``top_k < 5``
+        ``num_params``, ``top_eigenvalues`` (descending) with their ``ritz_residuals`` (error
+        bounds) and ``ritz_residuals_kind``, ``lambda_max``, ``lambda_max_over_lambda_5`` (``None`` when ``top_k < 5``
         or :math:`\\lambda_5 = 0`), optionally ``power_iteration``, ``trace`` (estimate,
         interval, samples used) and ``density`` (grid, values, sigma, quadrature nodes and
-        weights), ``num_hvps`` and ``seconds`` per part.
+        weights), ``seed`` and the derived ``seeds``, ``num_hvps`` and ``seconds`` per part.
     """
     with preserved_state(model):
         op = HessianOperator(
@@ -88,21 +95,31 @@ def hessian_spectrum(
             cache_graphs=cache_graphs,
         )
         seconds: dict[str, float] = {}
-        out: dict = {"num_params": op.dim, "dtype": str(op.dtype).removeprefix("torch."), "bn_mode": bn_mode}
+        seeds = {name: derive_seed(seed, name) for name in ("lanczos", "power_iteration", "trace", "density")}
+        out: dict = {
+            "num_params": op.dim,
+            "dtype": str(op.dtype).removeprefix("torch."),
+            "bn_mode": bn_mode,
+            "seed": seed,
+            "seeds": seeds,
+        }
 
         t0 = time.perf_counter()
-        eig = top_eigenpairs(op, top_k, num_iters=lanczos_iters, seed=seed, progress=progress)
+        eig = top_eigenpairs(
+            op, top_k, num_iters=lanczos_iters, seed=seeds["lanczos"], residuals=ritz_residuals, progress=progress
+        )
         seconds["lanczos"] = time.perf_counter() - t0
         top = eig.eigenvalues.tolist()
         out["top_eigenvalues"] = top
         out["ritz_residuals"] = eig.residuals.tolist()
+        out["ritz_residuals_kind"] = eig.residual_kind
         out["lanczos_iters"] = eig.num_iters
         out["lambda_max"] = top[0]
         out["lambda_max_over_lambda_5"] = top[0] / top[4] if len(top) >= 5 and top[4] != 0 else None
 
         if power_check:
             t0 = time.perf_counter()
-            pw = power_iteration(op, max_iters=power_iters, seed=seed, progress=progress)
+            pw = power_iteration(op, max_iters=power_iters, seed=seeds["power_iteration"], progress=progress)
             seconds["power_iteration"] = time.perf_counter() - t0
             out["power_iteration"] = {
                 "eigenvalue": pw.eigenvalue,
@@ -119,7 +136,7 @@ def hessian_spectrum(
                 confidence=trace_confidence,
                 min_samples=trace_min_samples,
                 max_samples=trace_max_samples,
-                seed=seed,
+                seed=seeds["trace"],
                 progress=progress,
             )
             seconds["trace"] = time.perf_counter() - t0
@@ -141,7 +158,7 @@ def hessian_spectrum(
                 num_iters=slq_iters,
                 sigma=sigma,
                 sigma_rel=sigma_rel,
-                seed=seed,
+                seed=seeds["density"],
                 progress=progress,
             )
             seconds["density"] = time.perf_counter() - t0

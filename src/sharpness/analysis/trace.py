@@ -24,7 +24,8 @@ from typing import NamedTuple
 import torch
 from scipy.stats import t as student_t
 
-from sharpness.analysis.operators import LinearOperator, random_vector
+from sharpness.analysis.operators import LinearOperator
+from sharpness.analysis.probes import probe_generator, random_vector
 from sharpness.analysis.progress import progress_bar
 
 __all__ = ["TraceEstimate", "hutchinson_trace"]
@@ -63,7 +64,8 @@ def hutchinson_trace(
         confidence: level :math:`c` of the interval.
         min_samples: samples drawn before the stopping rule is consulted (at least 2).
         max_samples: hard limit on samples (= operator products).
-        seed: seed of the Rademacher vectors.
+        seed: seed of the Rademacher vectors (drawn on the operator's device in its dtype,
+            :mod:`sharpness.analysis.probes`).
         progress: show a progress bar.
     """
     if not 0 < confidence < 1:
@@ -71,12 +73,12 @@ def hutchinson_trace(
     min_samples = max(2, int(min_samples))
     if max_samples < min_samples:
         raise ValueError(f"max_samples ({max_samples}) < min_samples ({min_samples})")
-    gen = torch.Generator().manual_seed(seed)
+    gen = probe_generator(seed, op.device)
     samples: list[float] = []
     mean = half = stderr = 0.0
     converged = False
     for k in progress_bar(range(1, max_samples + 1), desc="hutchinson", enabled=progress):
-        z = random_vector(op.dim, gen, distribution="rademacher", dtype=op.dtype, device=op.device)
+        z = random_vector(op.dim, gen, distribution="rademacher", dtype=op.dtype)
         samples.append(float(torch.dot(z, op.matvec(z))))
         if k < 2:
             continue

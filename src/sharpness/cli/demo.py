@@ -96,8 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="SGD vs SAM on the embedded digits data set, with sharpness pictures",
         description="Train SGD and SAM on scikit-learn's bundled digits (no network, no files) "
-        "with clean and 40%% noisy labels over several seeds, print the test-error table "
-        "(mean ± 95%% CI), the Hessian's lambda_max of both solutions, and draw their loss "
+        "with clean and 40% noisy labels over several seeds, print the test-error table "
+        "(mean ± 95% CI), the Hessian's lambda_max of both solutions, and draw their loss "
         "landscapes. Finished runs in --out are reused.",
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
