@@ -20,9 +20,13 @@ then loads like the real file; the speed does not depend on the pixel values). A
 With ``--repeats N`` the methods are run alternately (sgd, sam, sgd, sam, ...) and medians are taken over
 all post-warm-up epochs of all repeats.
 
-Caveat: the trainer reads its clock at the end of an epoch's loop without synchronising CUDA, so on a GPU the
-last few queued steps of an epoch may be counted in the next one (the evaluation's ``.item()`` then waits for
-them). Over several epochs this cancels out; the script also prints the wall time of each whole run.
+The trainer synchronises CUDA at the end of each epoch's loop before it reads its clock, so an epoch's
+``seconds`` include all of its queued kernels (and none of the evaluation that follows). cuDNN autotuning is the
+config key ``cudnn_benchmark`` (default true; ``--no-cudnn-benchmark`` turns it off for the runs).
+
+On CUDA the script then runs a few training steps of each method through ``Trainer._step`` under
+``torch.cuda.set_sync_debug_mode("error")`` and reports whether a step synchronised with the host (after two
+warm-up steps, in which the optimizers allocate their state). CPU runs cannot check this.
 """
 
 from __future__ import annotations
@@ -99,6 +103,30 @@ def run_once(config, workdir: Path, label: str) -> dict[str, Any]:
     }
 
 
+def sync_check(config, workdir: Path, steps: int = 3, warmup: int = 2) -> dict[str, Any]:
+    """Whether a training step synchronises CUDA with the host: ``steps`` steps under sync debug mode "error"."""
+    trainer = Trainer(config, Path(tempfile.mkdtemp(prefix="sync-", dir=workdir)), progress=False)
+    trainer._setup()
+    if trainer.steps_per_epoch < warmup + steps:
+        return {"checked": False, "why": f"needs {warmup + steps} steps per epoch, has {trainer.steps_per_epoch}"}
+    acc = trainer.zero_accumulators()
+    batches = trainer.train_set.shuffled(config.batch_size, config.seed, 0)
+    for _ in range(warmup):
+        trainer._step(*next(batches), acc)
+    torch.cuda.synchronize(trainer.device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            trainer._step(*next(batches), acc)
+        result: dict[str, Any] = {"checked": True, "synchronises": False, "steps": steps}
+    except RuntimeError as err:
+        result = {"checked": True, "synchronises": True, "steps": steps, "error": str(err).splitlines()[0]}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(trainer.device)
+    return result
+
+
 def summarise(method: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     first = [r["epoch_seconds"][0] for r in runs]
     later = [s for r in runs for s in r["epoch_seconds"][1:]]
@@ -159,19 +187,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU timing: 1)")
     parser.add_argument(
         "--cudnn-benchmark",
-        action="store_true",
-        help="set torch.backends.cudnn.benchmark = True for the runs (the harness leaves it at its default, off)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shorthand for --set cudnn_benchmark=true/false (default: the config's, true)",
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
 
     source = source_state()  # before the runs: the code they import is the code of this moment
     base = load_config(args.config, args.set)
     overrides = [f"epochs={args.epochs}", f"device={args.device}"]
+    if base.warmup_epochs > args.epochs:  # the warm-up's length does not change the time of a step
+        overrides.append(f"warmup_epochs={args.epochs}")
+    if args.cudnn_benchmark is not None:
+        overrides.append(f"cudnn_benchmark={str(args.cudnn_benchmark).lower()}")
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         workdir = Path(tmp)
         if args.synthetic:
@@ -193,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(
                     f"  run {repeat + 1}/{args.repeats} {method}: {runs[method][-1]['epoch_seconds']}", file=sys.stderr
                 )
+        on_cuda = runs[args.methods[0]][0]["device"].startswith("cuda")
+        syncs = {m: sync_check(configs[m], workdir) for m in args.methods} if on_cuda else {}
 
     rows = [summarise(m, runs[m]) for m in args.methods]
     cfg = configs[args.methods[0]]
@@ -203,10 +236,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"config={args.config} model={cfg.model} batch={cfg.batch_size} precision={cfg.precision} "
         f"channels_last={cfg.channels_last} compile={cfg.compile} augment={cfg.augment} "
         f"data={'synthetic' if args.synthetic else 'real'} images/epoch={rows[0]['images_per_epoch']} "
-        f"device={device_name} threads={torch.get_num_threads()} cudnn_benchmark={torch.backends.cudnn.benchmark} "
+        f"device={device_name} threads={torch.get_num_threads()} cudnn_benchmark={cfg.cudnn_benchmark} "
         f"torch={torch.__version__}"
     )
     print_table(rows, header)
+    for method, check in syncs.items():
+        if not check["checked"]:
+            print(f"sync check {method}: not run ({check['why']})")
+        elif check["synchronises"]:
+            print(f"sync check {method}: a training step SYNCHRONISED with the host: {check['error']}")
+        else:
+            print(f"sync check {method}: {check['steps']} training steps ran without a host synchronisation")
+    if not syncs:
+        print("sync check: CUDA only (torch.cuda.set_sync_debug_mode); not run on this device")
     result = {
         "benchmark": "bench_train",
         "date": dt.date.today().isoformat(),
@@ -216,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "source": source,
         "device": device_name,
         "threads": torch.get_num_threads(),
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_benchmark": cfg.cudnn_benchmark,
+        "sync_check": syncs,
         "synthetic": args.synthetic,
         "config_name": args.config,
         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("method", "data_dir")},

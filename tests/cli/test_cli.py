@@ -107,3 +107,61 @@ def test_configs_lists_the_bundled_configs(capsys):
     assert main(["configs"]) == 0
     out = capsys.readouterr().out
     assert "cifar10_wrn28-10_basic" in out and "demo-digits" in out
+
+
+def test_select_rho_runs_beside_compares_and_reports_never_mix_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    one_epoch = [*TINY, "--set", "epochs=1"]
+    assert main(["train", "demo-digits", *one_epoch]) == 0
+    assert main(["select-rho", "demo-digits", "--grid", "0.05", "0.1", *one_epoch]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["demo-digits", "demo-digits-select-rho"]
+    assert (tmp_path / "runs" / "demo-digits-select-rho" / "rho0.05" / "summary.json").is_file()
+    capsys.readouterr()
+    assert main(["report", "runs"]) == 0
+    rows = [line.split(" | ")[0].strip("| ") for line in capsys.readouterr().out.splitlines()[2:] if line]
+    assert rows == ["demo-digits", "demo-digits-select-rho-0.05", "demo-digits-select-rho-0.1"]
+    summary = json.loads((tmp_path / "runs" / "demo-digits-select-rho" / "rho0.1" / "summary.json").read_text())
+    assert {"val_error", "val_loss", "test_error", "test_loss"} <= set(summary["metrics"])
+
+
+def test_compare_compute_matched_reports_the_better_sgd_before_sam(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "demo-digits", "--seeds", "0", "--compute-matched", "--out", str(out), *TINY]) == 0
+    header, _, row = (out / "report.md").read_text().splitlines()[:3]
+    assert header == "| Experiment | SGD (best of 1x/2x epochs) | SAM |"
+    sgd = {
+        epochs: json.loads((out / name / "summary.json").read_text())["metrics"]["test_error"]
+        for epochs, name in ((2, "sgd-seed0"), (4, "sgd-2x-seed0"))
+    }
+    best = min(sgd, key=sgd.get)
+    assert f"{sgd[best]:.2f} (n=1, {best // 2}x: {best} ep)" in row
+    capsys.readouterr()
+    assert main(["report", str(out), "--raw"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "| Experiment | SGD (best of 1x/2x epochs) | SAM | SGD (2 EP) | SGD (4 EP) |"
+    )
+
+
+def test_help_lists_every_config_key_and_prints_percent_signs_once(capsys):
+    from sharpness.harness.config import CONFIG_HELP
+
+    for command in ("train", "compare", "select-rho"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        for key, meaning in CONFIG_HELP.items():
+            assert f"  {key:20s} {meaning} [" in out, (command, key)
+    for argv in (
+        ["--help"],
+        ["report", "--help"],
+        ["select-rho", "--help"],
+        ["compare", "--help"],
+        ["train", "--help"],
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        assert "%%" not in out, argv
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "95% CI" in capsys.readouterr().out

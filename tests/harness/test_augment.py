@@ -83,6 +83,15 @@ def test_crop_is_a_window_of_the_zero_padded_input_and_flip_mirrors_it():
     assert 40 <= n_mirrored <= 88
 
 
+def test_without_flip_every_crop_is_a_plain_window():
+    x = _images(128)
+    out = build_augmentation("basic", MEAN, STD, image_size=32, flip=False)(x, _gen(1))
+    plain, mirrored = _find_windows(x, _unnormalize(out), pad=4)
+    assert plain.flatten(1).sum(1).tolist() == [1] * 128
+    symmetric = (x == x.flip(-1)).flatten(1).all(1)
+    assert not (mirrored.flatten(1).any(1) & ~plain.flatten(1).any(1) & ~symmetric).any()
+
+
 @pytest.mark.parametrize(("size", "channels"), [(8, 3), (28, 1)])
 def test_crop_padding_scales_with_image_size(size, channels):
     x = _images(64, size=size, channels=channels)

@@ -13,7 +13,9 @@ from scipy import stats
 from sharpness.harness.report import (
     Row,
     aggregate,
+    best_of_epochs,
     collect_summaries,
+    label_epochs,
     markdown_table,
     mean_ci,
     plot_comparison,
@@ -38,6 +40,7 @@ def _write_run(root: Path, experiment: str, method: str, seed: int, test_error: 
         "method": method,
         "seed": seed,
         "metrics": {"test_error": test_error, "test_loss": test_error / 10, "train_error": 0.5},
+        "epochs": epochs,
         "config": {"epochs": epochs, "rho": 0.05 if method == "sam" else 0.0},
     }
     (run / "summary.json").write_text(json.dumps(summary))
@@ -116,6 +119,58 @@ def test_markdown_table_exact(runs: Path):
         "| cifar10 | 4.10 ± 0.25 (n=3) | **3.60 ± 0.25 (n=3)** |\n"
         "| cifar100 | 20.00 (n=1) | – |\n"
     )
+
+
+@pytest.fixture
+def compute_matched(tmp_path: Path) -> Path:
+    """SGD for 3 and 6 epochs beside SAM for 3: 6 epochs are better on cifar10, 3 on cifar100."""
+    root = tmp_path / "matched"
+    for experiment, sgd, sgd_2x, sam in (
+        ("cifar10", [4.0, 4.2, 4.1], [3.8, 3.9, 4.0], [3.5, 3.6, 3.7]),
+        ("cifar100", [20.0, 21.0], [22.0, 23.0], [18.0, 18.5]),
+    ):
+        for seed, (a, b, c) in enumerate(zip(sgd, sgd_2x, sam, strict=True)):
+            _write_run(root, experiment, "sgd", seed, a, epochs=3)
+            _write_run(root / "2x", experiment, "sgd", seed, b, epochs=6)
+            _write_run(root, experiment, "sam", seed, c, epochs=3)
+    return root
+
+
+def test_compute_matched_sgd_is_one_best_of_column_before_sam(compute_matched: Path):
+    rows = best_of_epochs(aggregate(label_epochs(collect_summaries([compute_matched]))))
+    assert [(r.experiment, r.method, r.note) for r in rows] == [
+        ("cifar10", "sgd", "2x: 6 ep"),
+        ("cifar10", "sam", ""),
+        ("cifar100", "sgd", "1x: 3 ep"),
+        ("cifar100", "sam", ""),
+    ]
+    assert rows[0].values == (3.8, 3.9, 4.0) and rows[2].values == (20.0, 21.0)
+    assert markdown_table(rows) == (
+        "| Experiment | SGD (best of 1x/2x epochs) | SAM |\n"
+        "| --- | ---: | ---: |\n"
+        "| cifar10 | 3.90 ± 0.25 (n=3, 2x: 6 ep) | **3.60 ± 0.25 (n=3)** |\n"
+        "| cifar100 | 20.50 ± 6.35 (n=2, 1x: 3 ep) | **18.25 ± 3.18 (n=2)** |\n"
+    )
+
+
+def test_compute_matched_raw_columns_stay_available(compute_matched: Path):
+    rows = best_of_epochs(aggregate(label_epochs(collect_summaries([compute_matched]))), raw=True)
+    assert markdown_table(rows).splitlines()[:3] == [
+        "| Experiment | SGD (best of 1x/2x epochs) | SAM | SGD (3 EP) | SGD (6 EP) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        "| cifar10 | 3.90 ± 0.25 (n=3, 2x: 6 ep) | **3.60 ± 0.25 (n=3)** | 4.10 ± 0.25 (n=3) | 3.90 ± 0.25 (n=3) |",
+    ]
+
+
+def test_best_of_epochs_picks_the_higher_accuracy():
+    rows = [
+        Row("c10", "sgd (200 ep)", 1, 96.0, math.nan, (96.0,), (0,)),
+        Row("c10", "sgd (400 ep)", 1, 95.0, math.nan, (95.0,), (0,)),
+    ]
+    (best,) = best_of_epochs(rows, metric="test_accuracy")
+    assert (best.method, best.mean, best.note, best.best_of) == ("sgd", 96.0, "1x: 200 ep", "1x/2x epochs")
+    plain = [Row("c10", "sgd", 1, 96.0, math.nan, (96.0,), (0,))]
+    assert best_of_epochs(plain) == plain  # one epoch count: nothing to choose
 
 
 def test_markdown_table_bolds_the_highest_accuracy():

@@ -1,4 +1,4 @@
-"""The training loop: exact resume after kill -9 and SIGTERM, run-dir safety, divergence, bootstrapping."""
+"""The training loop: exact resume after kill -9 and SIGTERM, run-dir safety, failed starts, device changes."""
 
 from __future__ import annotations
 
@@ -13,10 +13,38 @@ from pathlib import Path
 import pytest
 import torch
 
+from sharpness.cli.main import main
+from sharpness.harness import train as train_module
 from sharpness.harness.config import load_config
-from sharpness.harness.train import Interrupted, RunDirExists, Trainer, TrainingDiverged, train
+from sharpness.harness.train import Interrupted, RunDirExists, Trainer, train
 
-FAST = ["epochs=4", "batch_size=64", "model_kwargs={width: 8}"]
+# Crop, flip and Cutout draw from the augmentation generator, so resuming must restore it exactly.
+FAST = ["epochs=4", "batch_size=64", "model_kwargs={width: 8}", "augment=cutout", "cutout_size=4"]
+STEPS = 1297 // 64  # training batches per epoch of the embedded digits
+
+# Runs `sharpness <args>` with Trainer._step held before global step N (1-based) until SIGTERM arrives (or for
+# two minutes, time enough for a SIGKILL), after writing MARKER: a kill that lands at a known step.
+_PAUSE_AT_STEP = """
+import sys, time
+from pathlib import Path
+from sharpness.cli.main import main
+from sharpness.harness.train import Trainer
+
+pause_at, marker = int(sys.argv[1]), Path(sys.argv[2])
+original, count = Trainer._step, [0]
+
+def step(self, *args):
+    count[0] += 1
+    if count[0] == pause_at:
+        marker.write_text("paused")
+        deadline = time.time() + 120
+        while not self._stop and time.time() < deadline:
+            time.sleep(0.01)
+    return original(self, *args)
+
+Trainer._step = step
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 def _cli(*args: str) -> list[str]:
@@ -60,10 +88,21 @@ def reference_run(tmp_path_factory) -> Path:
     return out
 
 
-def _start(out: Path) -> subprocess.Popen:
+def _start_paused(out: Path, pause_at: int, marker: Path) -> subprocess.Popen:
     sets = [x for s in [*FAST, "method=sam"] for x in ("--set", s)]
     return subprocess.Popen(
-        _cli("train", "demo-digits", "--out", str(out), *sets),
+        [
+            sys.executable,
+            "-c",
+            _PAUSE_AT_STEP,
+            str(pause_at),
+            str(marker),
+            "train",
+            "demo-digits",
+            "--out",
+            str(out),
+            *sets,
+        ],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -71,40 +110,42 @@ def _start(out: Path) -> subprocess.Popen:
     )
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, lines: int = 1, timeout: float = 120) -> None:
+def _wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= lines:
+        if marker.exists():
             return
         if proc.poll() is not None:
-            pytest.fail(f"training ended before {path} had {lines} lines: {proc.stderr.read()}")
+            pytest.fail(f"training ended before it reached the step to pause at: {proc.stderr.read()}")
         time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {path}")
+    pytest.fail(f"timed out waiting for {marker}")
 
 
-def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, reference_run):
-    out = tmp_path / "run"
-    proc = _start(out)
-    _wait_for(out / "metrics.jsonl", proc, lines=2)
-    time.sleep(0.05)  # land somewhere inside the next epoch
+def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_result(tmp_path, reference_run):
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    proc = _start_paused(out, 2 * STEPS + 7, marker)  # held before the 7th step of epoch 3
+    _wait_for(marker, proc)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "summary.json").exists()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 0), "the kill landed inside epoch 3, after epoch 2's end"
+    assert [line["epoch"] for line in _metric_lines(out)] == [1, 2] and not (out / "summary.json").exists()
     resumed = _train_cli(out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(reference_run, out)
 
 
 def test_sigterm_saves_mid_epoch_and_resume_gives_the_uninterrupted_result(tmp_path, reference_run):
-    out = tmp_path / "run"
-    proc = _start(out)
-    _wait_for(out / "metrics.jsonl", proc, lines=1)
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    proc = _start_paused(out, STEPS + 10, marker)  # held before the 10th step of epoch 2
+    _wait_for(marker, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
-    assert "checkpoint saved" in stderr and "Traceback" not in stderr
+    assert "checkpoint saved in epoch 2 after step 10" in stderr and "Traceback" not in stderr
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["step_in_epoch"] > 0, "SIGTERM during an epoch saves a mid-epoch checkpoint"
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 10)
     resumed = _train_cli(out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(reference_run, out)
@@ -132,12 +173,6 @@ def test_sgd_run_and_summary_contents(tmp_path):
     for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json", "model.pt", "curves.png"):
         assert (tmp_path / "run" / name).is_file(), name
     assert [line["epoch"] for line in _metric_lines(tmp_path / "run")] == [1, 2, 3, 4]
-
-
-def test_diverging_loss_stops_with_a_clear_message(tmp_path):
-    cfg = load_config("demo-digits", ["epochs=3", "method=sgd", "model=mlp", "lr=1.0e+12", "weight_decay=0"])
-    with pytest.raises(TrainingDiverged, match="training loss is"):
-        train(cfg, tmp_path / "run", progress=False)
 
 
 def test_bootstrap_retrains_on_predicted_labels(tmp_path):
@@ -189,3 +224,90 @@ def test_resuming_a_finished_bootstrap_run_trains_nothing(tmp_path):
     again = train(cfg, tmp_path / "run", resume=True, progress=False)
     assert again[0] == first and again[1]["metrics"] == second["metrics"]
     assert (tmp_path / "run" / "bootstrap" / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_a_failed_start_leaves_nothing_and_the_fixed_command_runs_in_the_same_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    too_big = ["train", "demo-digits", "--out", str(out), "--no-progress", "--set", "batch_size=5000"]
+    assert main(too_big) == 2
+    assert "batch_size 5000 exceeds the 1297 training examples" in capsys.readouterr().err
+    missing = ["train", "demo-digits", "--out", str(out), "--set", "dataset=cifar10", "--data-dir", str(tmp_path)]
+    assert main(missing) == 2
+    assert "data set 'cifar10' not found" in capsys.readouterr().err
+    bad_model = ["train", "demo-digits", "--out", str(out), "--set", "model_kwargs={depth: 3}"]
+    assert main(bad_model) == 2
+    assert capsys.readouterr().err.strip() == (
+        "sharpness train: error: model_kwargs: model 'cnn-small' has no option 'depth'; it accepts width (int, "
+        "default 32)"
+    )
+    assert not out.exists()
+    fixed = ["train", "demo-digits", "--out", str(out), "--no-progress", "--set", "epochs=1", "--set", "batch_size=64"]
+    assert main(fixed) == 0
+    assert (out / "summary.json").is_file()
+
+
+def test_config_and_model_are_written_atomically(tmp_path, monkeypatch):
+    written = []
+    atomic = train_module.atomic_write_bytes
+
+    def recording(path, write):
+        written.append(Path(path).name)
+        return atomic(path, write)
+
+    monkeypatch.setattr(train_module, "atomic_write_bytes", recording)
+    train(load_config("demo-digits", [*FAST, "epochs=1", "label_noise=0.4", "bootstrap=true"]), tmp_path / "run")
+    assert written == ["config.yaml", "model.pt", "train_labels.npy", "config.yaml", "model.pt"]
+
+
+class _StopsAtStep(Trainer):
+    """Ends the run by an exception before global step ``at`` (1-based), as a crash would."""
+
+    at = 0
+
+    def _step(self, *args):
+        self._steps = getattr(self, "_steps", 0) + 1
+        if self._steps == self.at:
+            raise KeyboardInterrupt
+        return super()._step(*args)
+
+
+def _as_if_saved_on_cuda(checkpoint: Path) -> None:
+    state = torch.load(checkpoint, weights_only=True)
+    state["device_type"] = "cuda"
+    state["rng_aug"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state: seed and offset
+    state["rng_cuda"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, checkpoint)
+
+
+def test_resume_on_another_device_from_an_epoch_boundary_is_exact(tmp_path):
+    cfg = load_config("demo-digits", [*FAST, "epochs=2", "device=cpu"])
+    whole = tmp_path / "whole"
+    Trainer(cfg, whole, progress=False).run()
+    split = tmp_path / "split"
+    crash = _StopsAtStep(cfg, split, progress=False)
+    crash.at = STEPS + 1  # the first step of epoch 2: epoch 1's checkpoint is the latest
+    with pytest.raises(KeyboardInterrupt):
+        crash.run()
+    _as_if_saved_on_cuda(split / "checkpoint.pt")
+    Trainer(cfg, split, progress=False).run(resume=True)
+    _assert_same_run(whole, split)
+
+
+def test_resume_on_another_device_mid_epoch_is_refused_in_one_line(tmp_path, capsys):
+    cfg = load_config("demo-digits", [*FAST, "epochs=2", "device=cpu"])
+
+    class StopsMidEpoch(Trainer):
+        def _step(self, *args):
+            super()._step(*args)
+            self._stop = True
+
+    with pytest.raises(Interrupted):
+        StopsMidEpoch(cfg, tmp_path / "run", progress=False).run()
+    _as_if_saved_on_cuda(tmp_path / "run" / "checkpoint.pt")
+    sets = [x for s in [*FAST, "epochs=2"] for x in ("--set", s)]
+    assert main(["train", "demo-digits", "--out", str(tmp_path / "run"), "--resume", "--device", "cpu", *sets]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sharpness train: error: --resume: {tmp_path / 'run'} was checkpointed on cuda in the middle of epoch 1 "
+        "(after step 1); resume it on cuda (the device may change only at an epoch boundary, where every "
+        "generator is re-seeded)"
+    )

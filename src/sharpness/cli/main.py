@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sharpness",
         description="Sharpness-Aware Minimization (Foret et al., ICLR 2021): run the paper's experiments, "
-        "report them as mean ± 95%% CI over seeds, and measure the sharpness of trained models.",
+        "report them as mean ± 95% CI over seeds, and measure the sharpness of trained models.",
     )
     parser.add_argument("--version", action="version", version=f"sharpness {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -6,20 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from sharpness.harness.report import label_epochs
+
 __all__ = ["register", "label_epochs"]
-
-
-def label_epochs(summaries: list[dict]) -> list[dict]:
-    """Name a method by its epoch count where one experiment ran it for several (compute-matched SGD)."""
-    counts: dict[tuple[str, str], set[int]] = {}
-    for s in summaries:
-        counts.setdefault((s["experiment"], s["method"]), set()).add(s.get("epochs"))
-    return [
-        {**s, "method": f"{s['method']} ({s.get('epochs')} ep)"}
-        if len(counts[(s["experiment"], s["method"])]) > 1
-        else s
-        for s in summaries
-    ]
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -86,8 +75,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rows(summaries: list[dict], args: argparse.Namespace):
+    """The report's rows: compute-matched SGD as one best-of-epochs column, the raw ones with --raw."""
+    from sharpness.harness.report import aggregate, best_of_epochs
+
+    rows = aggregate(label_epochs(summaries), metric=args.metric)
+    return best_of_epochs(rows, metric=args.metric, raw=args.raw)
+
+
 def _compare(args: argparse.Namespace) -> int:
-    from sharpness.harness.report import aggregate, collect_summaries, markdown_table, plot_comparison
+    from sharpness.harness.report import collect_summaries, markdown_table, plot_comparison
     from sharpness.harness.train import train
 
     base = _load(args)
@@ -105,7 +102,7 @@ def _compare(args: argparse.Namespace) -> int:
                 continue
             summary = train(config, run_dir, resume=(run_dir / "config.yaml").exists(), progress=_progress(args))[-1]
             print(f"{tag} seed {seed}: test error {summary['metrics']['test_error']:.2f}%", file=sys.stderr)
-    rows = aggregate(label_epochs(collect_summaries([out])), metric=args.metric)
+    rows = _rows(collect_summaries([out]), args)
     table = markdown_table(rows, metric=args.metric)
     (out / "report.md").write_text(table + "\n")
     plot_comparison(rows, out / "report.png", metric=args.metric)
@@ -119,11 +116,19 @@ def _select_rho(args: argparse.Namespace) -> int:
     from sharpness.harness.train import train
 
     base = _load(args)
-    out = Path(args.out or Path("runs") / base.name / "select-rho")
+    # Beside compare's runs/<name>, not inside it, and under experiment names of their own, so that reports
+    # of runs/ never take a validation run for a seed of the final one.
+    out = Path(args.out or Path("runs") / f"{base.name}-select-rho")
     results = []
     for rho in args.grid:
         run_dir = out / f"rho{rho:g}"
-        overrides = [f"rho={rho}", f"val_fraction={args.val_fraction}", "eval_on=val", "method=sam"]
+        overrides = [
+            f"rho={rho}",
+            f"val_fraction={args.val_fraction}",
+            "eval_on=val",
+            "method=sam",
+            f"name={base.name}-select-rho-{rho:g}",
+        ]
         if (run_dir / "summary.json").exists():
             import json
 
@@ -145,12 +150,12 @@ def _select_rho(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sharpness.harness.report import aggregate, collect_summaries, markdown_table, plot_comparison
+    from sharpness.harness.report import collect_summaries, markdown_table, plot_comparison
 
     summaries = collect_summaries(args.paths)
     if not summaries:
         raise FileNotFoundError(f"no summary.json under {', '.join(map(str, args.paths))}")
-    rows = aggregate(label_epochs(summaries), metric=args.metric)
+    rows = _rows(summaries, args)
     table = markdown_table(rows, metric=args.metric)
     print(table)
     if args.out:
@@ -165,10 +170,12 @@ def _configs(args: argparse.Namespace) -> int:
 
     from sharpness.harness.config import bundled_configs
 
-    for name, path in bundled_configs().items():
+    configs = bundled_configs()
+    width = max(map(len, configs), default=0)
+    for name, path in configs.items():
         text = yaml.safe_load(path.read_text()) or {}
         print(
-            f"{name:34s} {text.get('dataset', '?'):14s} {text.get('model', '?'):24s} "
+            f"{name:{width}s} {text.get('dataset', '?'):14s} {text.get('model', '?'):24s} "
             f"{text.get('epochs', '?'):>5} epochs  {path.parent.name}"
         )
     return 0
@@ -182,13 +189,35 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+class _KeysHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Prints multi-line texts (the epilog's one line per config key) as written, and wraps the others."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metric", default="test_error", help="metric to report (default: test_error)")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="with compute-matched SGD, also show each epoch count's own column beside the best-of column",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from sharpness.harness.config import keys_help
+
+    config_parser = {"epilog": keys_help(), "formatter_class": _KeysHelpFormatter}
     p = sub.add_parser(
         "train",
         help="train one run of a config",
         description="Train one run. The run "
         "directory gets config.yaml, metrics.jsonl, checkpoint.pt, summary.json, model.pt and "
         "curves.png; it is never overwritten (use --resume to continue a killed run).",
+        **config_parser,
     )
     _config_args(p)
     p.add_argument("--out", help="run directory (default: runs/<name>/<method>-seed<seed>)")
@@ -201,6 +230,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="SAM beside SGD over seeds, with a report",
         description="Train the config with method=sam and method=sgd for each seed (skipping "
         "finished runs, resuming killed ones), then write report.md and report.png.",
+        **config_parser,
     )
     _config_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
@@ -210,17 +240,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also train SGD for twice the epochs (the paper keeps the better SGD run)",
     )
     p.add_argument("--out", help="parent directory of the runs (default: runs/<name>)")
-    p.add_argument("--metric", default="test_error", help="metric to report (default: test_error)")
+    _report_args(p)
     p.set_defaults(handler=_compare)
 
     p = sub.add_parser(
         "report",
         help="aggregate runs into mean ± 95%% CI tables",
         description="Collect summary.json files under the given paths and print a Markdown "
-        "table: experiments as rows, methods side by side, mean ± 95%% CI (Student t) over seeds.",
+        "table: experiments as rows, methods side by side, mean ± 95% CI (Student t) over seeds. Where SGD "
+        "ran for two epoch counts (compare --compute-matched), one column 'SGD (best of 1x/2x epochs)' holds "
+        "the one with the better mean and says which, as the paper does; --raw also shows both.",
     )
     p.add_argument("paths", nargs="+", help="run directories or folders containing them")
-    p.add_argument("--metric", default="test_error", help="metric to report (default: test_error)")
+    _report_args(p)
     p.add_argument("--out", help="also write the table to this Markdown file")
     p.add_argument("--png", help="also draw a bar chart with CI error bars to this PNG file")
     p.set_defaults(handler=_report)
@@ -229,7 +261,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "select-rho",
         help="choose rho on a held-out validation split, as the paper does",
         description="Train SAM once per rho of the grid on (1 - val_fraction) of the training set and report the "
-        "validation error of each; the paper uses the default grid and 10%%.",
+        "validation error of each (the clean test error is recorded beside it); the paper uses the default grid "
+        "and 10%.",
+        **config_parser,
     )
     _config_args(p)
     p.add_argument(
@@ -240,13 +274,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="rho values (default: 0.01 0.02 0.05 0.1 0.2 0.5)",
     )
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (default: 0.1)")
-    p.add_argument("--out", help="parent directory of the runs (default: runs/<name>/select-rho)")
+    p.add_argument("--out", help="parent directory of the runs (default: runs/<name>-select-rho)")
     p.set_defaults(handler=_select_rho)
 
     p = sub.add_parser("configs", help="list the bundled experiment configs")
     p.set_defaults(handler=_configs)
 
     p = sub.add_parser("download", help="download a data set (official address, checksum verified)")
-    p.add_argument("dataset", help="cifar10, cifar100, svhn, mnist or fashion_mnist")
+    p.add_argument("dataset", help="cifar10, cifar100, svhn, svhn_extra (train + extra + test), mnist or fashion_mnist")
     p.add_argument("--data-dir", help="target folder (default: $SHARPNESS_DATA_DIR, then ~/.cache/sharpness/data)")
     p.set_defaults(handler=_download)

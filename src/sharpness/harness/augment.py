@@ -103,10 +103,11 @@ def _sample(x: Tensor, rows: Tensor, cols: Tensor, fill: Tensor | float) -> Tens
     return torch.where(inside.unsqueeze(1), out, fill)
 
 
-def random_crop_flip(x: Tensor, pad: int, generator: torch.Generator | None = None) -> Tensor:
+def random_crop_flip(x: Tensor, pad: int, generator: torch.Generator | None = None, flip: bool = True) -> Tensor:
     """Zero-pad by ``pad``, crop a random window of the input's size, mirror it with probability 1/2.
 
-    Offsets are uniform on ``0 .. 2 pad`` in each direction, independently per image.
+    Offsets are uniform on ``0 .. 2 pad`` in each direction, independently per image; ``flip=False`` never
+    mirrors (digits: a mirrored 3 is no 3).
     """
     # Hand-written rather than kornia's RandomCrop + RandomHorizontalFlip: one gather on the uint8 batch,
     # about 2x faster on the CPU (benchmarks/bench_augment.py), drawing from ``generator`` (kornia only
@@ -114,11 +115,13 @@ def random_crop_flip(x: Tensor, pad: int, generator: torch.Generator | None = No
     n, _, h, w = x.shape
     dy = _randint(2 * pad + 1, n, generator, x.device)
     dx = _randint(2 * pad + 1, n, generator, x.device)
-    flip = _uniform(n, generator, x.device) < 0.5
     ar_h = torch.arange(h, device=x.device)
     ar_w = torch.arange(w, device=x.device)
     rows = (dy - pad)[:, None] + ar_h
-    cols = (dx - pad)[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)
+    cols = (dx - pad)[:, None] + ar_w
+    if flip:
+        mirrored = _uniform(n, generator, x.device) < 0.5
+        cols = torch.where(mirrored[:, None], (dx - pad)[:, None] + (w - 1 - ar_w), cols)
     return _sample(x, rows[:, :, None], cols[:, None, :], 0)
 
 
@@ -354,6 +357,7 @@ class Augmentation(nn.Module):
         std: Sequence[float],
         *,
         pad: int = 0,
+        flip: bool = True,
         cutout_size: int = 0,
         policy: AutoAugmentPolicy | None = None,
     ) -> None:
@@ -363,6 +367,7 @@ class Augmentation(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.pad = pad
+        self.flip = flip
         self.cutout_size = cutout_size
         self.policy = policy
 
@@ -378,7 +383,7 @@ class Augmentation(nn.Module):
         if self.policy is not None:
             x = self.policy(x.float(), generator)
         if self.pad > 0:
-            x = random_crop_flip(x, self.pad, generator)
+            x = random_crop_flip(x, self.pad, generator, flip=self.flip)
         x = self.normalize(x)
         if self.cutout_size > 0:
             x = cutout(x, self.cutout_size, generator)
@@ -393,11 +398,13 @@ def build_augmentation(
     image_size: int,
     policy: str = "cifar10",
     cutout_size: int = 16,
+    flip: bool = True,
 ) -> Augmentation:
     """Build the pipeline ``name`` (one of :data:`AUGMENTATIONS`) for ``image_size`` square images.
 
     ``mean`` and ``std`` are per-channel, for pixel values scaled to [0, 1]. ``policy`` is the AutoAugment
-    policy (``"cifar10"`` or ``"svhn"``); ``cutout_size`` the Cutout square's side.
+    policy (``"cifar10"`` or ``"svhn"``); ``cutout_size`` the Cutout square's side; ``flip=False`` leaves out
+    the horizontal flip of the crop step.
     """
     if name not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {name!r}; expected one of {AUGMENTATIONS}")
@@ -405,8 +412,9 @@ def build_augmentation(
         return Augmentation(mean, std)
     pad = crop_padding(image_size)
     if name == "basic":
-        return Augmentation(mean, std, pad=pad)
+        return Augmentation(mean, std, pad=pad, flip=flip)
     if name == "cutout":
-        return Augmentation(mean, std, pad=pad, cutout_size=cutout_size)
+        return Augmentation(mean, std, pad=pad, flip=flip, cutout_size=cutout_size)
     fill = [255 * m for m in mean]
-    return Augmentation(mean, std, pad=pad, cutout_size=cutout_size, policy=AutoAugmentPolicy(policy, image_size, fill))
+    policy_ops = AutoAugmentPolicy(policy, image_size, fill)
+    return Augmentation(mean, std, pad=pad, flip=flip, cutout_size=cutout_size, policy=policy_ops)

@@ -61,10 +61,14 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
 
 
 def build_schedule(config: TrainConfig, optimizer: Optimizer, steps_per_epoch: int) -> LambdaLR:
-    """A per-step schedule: linear warm-up, then cosine decay to 0, step decay, or constant."""
+    """A per-step schedule: linear warm-up, then cosine decay to 0, step decay, or constant.
+
+    Step decay multiplies by ``gamma`` at each milestone: a milestone in (0, 1) is that fraction of all steps,
+    one >= 1 that epoch (rounded to a step).
+    """
     total = max(1, config.epochs * steps_per_epoch)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    boundaries = sorted(int(round(m * total)) if m <= 1 else int(round(m * steps_per_epoch)) for m in config.milestones)
+    boundaries = sorted(int(round(m * total)) if m < 1 else int(round(m * steps_per_epoch)) for m in config.milestones)
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -11,7 +11,15 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "bundled_configs", "apply_overrides"]
+__all__ = [
+    "TrainConfig",
+    "ConfigError",
+    "CONFIG_HELP",
+    "load_config",
+    "bundled_configs",
+    "apply_overrides",
+    "keys_help",
+]
 
 
 class ConfigError(ValueError):
@@ -25,12 +33,21 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "bf16", "fp16"),
     "noise_kind": ("symmetric", "asymmetric"),
     "eval_on": ("test", "val"),
+    "augment": ("none", "basic", "cutout", "autoaugment"),
+    "autoaugment_policy": ("cifar10", "svhn"),
 }
 
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a run. ``method: sgd`` trains with the base optimizer alone."""
+    """Everything that determines a run. ``method: sgd`` trains with the base optimizer alone.
+
+    ``milestones`` (``schedule: step``): a value in (0, 1) is a fraction of the whole run, a value >= 1 an
+    epoch (``[0.5, 0.75]`` and ``[60, 120]`` with ``epochs: 160`` both decay at half and three quarters of
+    training; one list may not mix the two). ``m_sharpness`` trains with one perturbation per subset of m
+    examples of each batch (Foret et al., §4.1; null: one for the whole batch, plain SAM).
+    :data:`CONFIG_HELP` says in one line what each key means.
+    """
 
     name: str = "run"
     # data
@@ -44,6 +61,7 @@ class TrainConfig:
     augment: str = "basic"
     autoaugment_policy: str = "cifar10"
     cutout_size: int = 16
+    hflip: bool = True
     # model
     model: str = "cnn-small"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +87,7 @@ class TrainConfig:
     eta: float = 0.01
     ascent_steps: int = 1
     second_order: bool = False
+    m_sharpness: int | None = None
     # label-noise bootstrapping (paper Table 4): retrain on the first model's predicted training labels
     bootstrap: bool = False
     # execution
@@ -77,6 +96,7 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = True
     eval_batch_size: int = 1000
 
     def __post_init__(self) -> None:
@@ -114,6 +134,52 @@ class TrainConfig:
             )
         if self.bootstrap and self.label_noise == 0:
             raise ConfigError("bootstrap: true only makes sense with label_noise > 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0; got {self.seed!r}")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"warmup_epochs ({self.warmup_epochs:g}) must not exceed epochs ({self.epochs})")
+        self._validate_milestones()
+        self._validate_m_sharpness()
+        from sharpness.harness.data.catalog import get_spec
+
+        try:
+            get_spec(self.dataset)
+        except ValueError as err:
+            raise ConfigError(f"dataset: {err}") from None
+        if not isinstance(self.model_kwargs, dict):
+            raise ConfigError(f"model_kwargs must be a mapping; got {self.model_kwargs!r}")
+        from sharpness.harness.models.registry import check_model_options  # torch: imported when validating
+
+        try:
+            check_model_options(self.model, self.model_kwargs)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def _validate_milestones(self) -> None:
+        values = self.milestones
+        if any(not _finite(m) or m <= 0 for m in values):
+            raise ConfigError(f"milestones must be numbers > 0; got {values!r}")
+        fractions = [m for m in values if m < 1]
+        if fractions and len(fractions) != len(values):
+            raise ConfigError(
+                f"milestones mixes fractions of training (< 1) and epochs (>= 1): {values!r}; use one kind"
+            )
+        late = [m for m in values if m >= 1 and m > self.epochs]
+        if late and self.schedule == "step":
+            raise ConfigError(f"milestones {late!r} lie after the last epoch ({self.epochs})")
+
+    def _validate_m_sharpness(self) -> None:
+        m = self.m_sharpness
+        if m is None:
+            return
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ConfigError(f"m_sharpness must be an integer >= 1 or null; got {m!r}")
+        if self.method != "sam":
+            raise ConfigError("m_sharpness needs method: sam (it sets the size of SAM's perturbation subsets)")
+        if self.batch_size % m:
+            raise ConfigError(f"m_sharpness ({m}) must divide batch_size ({self.batch_size})")
+        if self.second_order:
+            raise ConfigError("m_sharpness does not combine with second_order: true")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,6 +192,68 @@ class TrainConfig:
             raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(known)}")
         converted = {key: _coerce(key, value, known[key].type) for key, value in values.items()}
         return cls(**converted)
+
+
+# One line per key, for ``--help`` and the docs; a test checks that every field has one.
+CONFIG_HELP: dict[str, str] = {
+    "name": "experiment name, by which reports group runs (a config file's own name when unset)",
+    "dataset": "cifar10, cifar100, svhn, svhn_extra (train + extra), mnist, fashion_mnist or digits (embedded)",
+    "data_dir": "folder holding the data sets (null: $SHARPNESS_DATA_DIR, else ~/.cache/sharpness/data)",
+    "train_subset": "train on the first N training images only (null: all)",
+    "label_noise": "fraction of training labels replaced by another class, chosen from the seed (test stays clean)",
+    "noise_kind": "symmetric (a uniformly random other class) or asymmetric (class i -> i + 1)",
+    "val_fraction": "fraction of the training set held out for validation (the paper: 0.1 to choose rho)",
+    "eval_on": "test, or val: also evaluate the held-out split each epoch (val_* beside test_*)",
+    "augment": "none, basic (pad-crop-flip), cutout (basic + Cutout) or autoaugment (policy + basic + Cutout)",
+    "autoaugment_policy": "AutoAugment policy: cifar10 or svhn",
+    "cutout_size": "side of the Cutout square in pixels",
+    "hflip": "mirror images horizontally with probability 1/2 in the crop step (false for digits: SVHN)",
+    "model": "wrn-<depth>-<width>, resnet20/32/44/56/110, resnet18, shake-shake-26-2x96d, "
+    "pyramidnet-<depth>-<alpha>[-shakedrop], mlp or cnn-small",
+    "model_kwargs": "options of the model family, e.g. {width: 8} for cnn-small, {dropout: 0.3} for wrn-*",
+    "method": "sam, or sgd: the base optimizer alone",
+    "optimizer": "base optimizer: sgd, adam or adamw",
+    "epochs": "number of training epochs",
+    "batch_size": "training batch size (the last partial batch of an epoch is dropped)",
+    "lr": "peak learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum (sgd)",
+    "weight_decay": "weight decay (L2, coupled; decoupled for adamw)",
+    "schedule": "learning-rate schedule per step: cosine (to 0), step (x gamma at milestones) or constant",
+    "warmup_epochs": "linear warm-up length in epochs (fractions allowed; at most epochs)",
+    "milestones": "step schedule: values in (0, 1) are fractions of training, values >= 1 epochs (not mixed)",
+    "gamma": "step schedule: factor applied at each milestone",
+    "label_smoothing": "label smoothing of the training cross-entropy",
+    "grad_clip": "clip the gradient to this global 2-norm (null: no clipping; the paper's code uses 5)",
+    "rho": "SAM: radius of the neighbourhood",
+    "p": "SAM: the p of the p-norm ball (2, or inf for sign perturbations)",
+    "adaptive": "SAM: ASAM's scale-invariant neighbourhood",
+    "eta": "SAM: ASAM's eta",
+    "ascent_steps": "SAM: inner ascent steps of radius rho / k (paper Appendix C.6)",
+    "second_order": "SAM: add the second-order term (paper Appendix C.4; a third pass)",
+    "m_sharpness": "SAM: one perturbation per subset of m examples of a batch (paper §4.1; null: whole batch)",
+    "bootstrap": "after training, retrain from scratch on the model's predicted training labels (paper Table 4)",
+    "seed": "seed of initialisation, batch order, augmentation, label noise and the validation split",
+    "device": "auto, cpu, cuda, cuda:1, ...",
+    "precision": "fp32, bf16 (autocast) or fp16 (autocast with GradScaler)",
+    "channels_last": "channels-last memory format for convolutions",
+    "compile": "torch.compile the model",
+    "cudnn_benchmark": "let cuDNN autotune convolutions (CUDA only; batches have a fixed shape)",
+    "eval_batch_size": "batch size of evaluation",
+}
+
+
+def keys_help(width: int = 20) -> str:
+    """Every config key with its one-line meaning and default, for ``--help``."""
+    lines = ["config keys (set in the YAML file or with --set KEY=VALUE; [default]):"]
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        lines.append(f"  {f.name:{width}s} {CONFIG_HELP[f.name]} [{_yaml_inline(default)}]")
+    return "\n".join(lines)
+
+
+def _yaml_inline(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
 
 
 def _finite(value: Any) -> bool:

@@ -9,16 +9,19 @@ and a ``metrics.jsonl`` with one object per epoch (``epoch, train_loss, train_er
 test_error, lr, seconds``). Errors are in percent. :func:`collect_summaries` finds and checks the
 summaries, :func:`aggregate` turns them into one :class:`Row` per (experiment, method) with a Student-t
 confidence interval over seeds, and :func:`markdown_table` / :func:`plot_comparison` lay the rows out
-as the paper does: experiments down, methods (SGD, SAM) across. Plots render with matplotlib's Agg
-canvas directly, so no display and no global backend switch are involved.
+as the paper does: experiments down, methods (SGD, SAM) across. Where SGD also ran for twice the epochs
+(``compare --compute-matched``), :func:`label_epochs` names each epoch count apart and
+:func:`best_of_epochs` keeps the better of the two in one SGD column, as the paper does (§3.1). Plots render
+with matplotlib's Agg canvas directly, so no display and no global backend switch are involved.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,8 @@ from scipy import stats
 __all__ = [
     "Row",
     "aggregate",
+    "best_of_epochs",
+    "label_epochs",
     "collect_summaries",
     "markdown_table",
     "mean_ci",
@@ -53,6 +58,8 @@ class Row:
     ci: float
     values: tuple[float, ...]
     seeds: tuple[int, ...]
+    note: str = ""  # e.g. "2x: 400 ep" for a best-of-epochs row
+    best_of: str = ""  # e.g. "1x/2x epochs": what a best-of-epochs row chose among
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -150,6 +157,60 @@ def aggregate(summaries: Iterable[dict], metric: str = "test_error") -> list[Row
     return rows
 
 
+_EPOCH_LABEL = re.compile(r"(?P<method>.+) \((?P<epochs>\d+) ep\)")
+
+
+def label_epochs(summaries: list[dict]) -> list[dict]:
+    """Name a method by its epoch count where one experiment ran it for several (``sgd (200 ep)``, ...)."""
+    counts: dict[tuple[str, str], set[int]] = {}
+    for s in summaries:
+        counts.setdefault((s["experiment"], s["method"]), set()).add(s.get("epochs"))
+    return [
+        {**s, "method": f"{s['method']} ({s.get('epochs')} ep)"}
+        if len(counts[(s["experiment"], s["method"])]) > 1
+        else s
+        for s in summaries
+    ]
+
+
+def best_of_epochs(rows: Sequence[Row], metric: str = "test_error", raw: bool = False) -> list[Row]:
+    """The paper's compute-matched baseline (§3.1): SGD also trains for twice the epochs, and the better keeps.
+
+    Rows named by :func:`label_epochs` (``sgd (200 ep)``, ``sgd (400 ep)``) of one experiment become one row
+    under the plain method name holding the epoch count with the better mean (lower; higher for ``*acc*``
+    metrics), whose ``note`` says which (``2x: 400 ep``, relative to the fewest epochs). With ``raw`` the
+    per-epoch rows are kept too (their columns sort after SGD and SAM).
+    """
+    pick = max if _higher_is_better(metric) else min
+    groups: dict[tuple[str, str], list[tuple[int, Row]]] = {}
+    out: list[Row] = []
+    for row in rows:
+        match = _EPOCH_LABEL.fullmatch(row.method)
+        if match is None:
+            out.append(row)
+            continue
+        groups.setdefault((row.experiment, match["method"]), []).append((int(match["epochs"]), row))
+        if raw:
+            out.append(row)
+    for (experiment, method), variants in groups.items():
+        if any(r.experiment == experiment and r.method == method for r in out):
+            raise ValueError(f"{experiment}: method {method!r} occurs both with and without an epoch count")
+        fewest = min(epochs for epochs, _ in variants)
+        multiples = "/".join(f"{_multiple(e, fewest)}" for e, _ in sorted(variants, key=lambda v: v[0]))
+        epochs, best = pick(variants, key=lambda v: v[1].mean)
+        out.append(
+            replace(
+                best, method=method, note=f"{_multiple(epochs, fewest)}: {epochs} ep", best_of=f"{multiples} epochs"
+            )
+        )
+    experiments = list(dict.fromkeys(r.experiment for r in rows))
+    return sorted(out, key=lambda r: (experiments.index(r.experiment), _method_key(r.method)))
+
+
+def _multiple(epochs: int, fewest: int) -> str:
+    return f"{epochs // fewest}x" if epochs % fewest == 0 else f"{epochs / fewest:.2g}x"
+
+
 def _higher_is_better(metric: str) -> bool:
     return "acc" in metric
 
@@ -161,20 +222,29 @@ def _layout(rows: Sequence[Row]) -> tuple[list[str], list[str], dict[tuple[str, 
 
 
 def _cell(row: Row, digits: int) -> str:
+    count = f"n={row.n}" + (f", {row.note}" if row.note else "")
     if math.isnan(row.ci):
-        return f"{row.mean:.{digits}f} (n={row.n})"
-    return f"{row.mean:.{digits}f} ± {row.ci:.{digits}f} (n={row.n})"
+        return f"{row.mean:.{digits}f} ({count})"
+    return f"{row.mean:.{digits}f} ± {row.ci:.{digits}f} ({count})"
+
+
+def _header(method: str, rows: Iterable[Row]) -> str:
+    chosen = {r.best_of for r in rows if r.method == method and r.best_of}
+    if not chosen:
+        return method.upper()
+    return f"{method.upper()} (best of {chosen.pop() if len(chosen) == 1 else 'its epoch counts'})"
 
 
 def markdown_table(rows: Sequence[Row], metric: str = "test_error", digits: int = 2) -> str:
     """A Markdown table: one line per experiment, one column per method, cells ``mean ± ci (n=k)``.
 
     Where a line has two or more methods, the best mean (lowest; highest for metrics named ``*acc*``)
-    is in bold, ties included. A missing (experiment, method) pair shows ``–``.
+    is in bold, ties included. A missing (experiment, method) pair shows ``–``. A best-of-epochs column
+    (:func:`best_of_epochs`) says so in its header and which epoch count each cell holds.
     """
     experiments, methods, cells = _layout(rows)
     lines = [
-        "| Experiment | " + " | ".join(m.upper() for m in methods) + " |",
+        "| Experiment | " + " | ".join(_header(m, rows) for m in methods) + " |",
         "| --- | " + " | ".join("---:" for _ in methods) + " |",
     ]
     pick = max if _higher_is_better(metric) else min
@@ -210,7 +280,7 @@ def plot_comparison(rows: Sequence[Row], path: str | Path, metric: str = "test_e
         pos = np.array([i for i, _ in present]) + (k - (len(methods) - 1) / 2) * width
         means = [r.mean for _, r in present]
         errs = [0.0 if math.isnan(r.ci) else r.ci for _, r in present]
-        ax.bar(pos, means, width, yerr=errs, capsize=3, label=method.upper())
+        ax.bar(pos, means, width, yerr=errs, capsize=3, label=_header(method, rows))
     ax.set_xticks(x, experiments, rotation=20 if len(experiments) > 3 else 0, ha="right")
     ax.set_ylabel(metric + (" (%)" if metric.endswith("error") else ""))
     ax.set_title(f"{metric}: mean and 95% CI over seeds")

@@ -16,7 +16,7 @@ from sharpness.harness.build import resolve_device
 from sharpness.harness.checkpoint import load_checkpoint
 from sharpness.harness.config import TrainConfig
 from sharpness.harness.models import build_model
-from sharpness.harness.train import PreparedData, prepare_data
+from sharpness.harness.prepare import PreparedData, prepare_data
 
 __all__ = ["LoadedRun", "load_run", "cross_entropy_loss"]
 

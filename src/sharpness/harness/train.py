@@ -2,18 +2,25 @@
 
 A run lives in a directory: ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per epoch, flushed),
 ``checkpoint.pt`` (atomic; resumable also mid-epoch after SIGTERM), ``summary.json``, ``model.pt`` and
-``curves.png``. Randomness is derived from (seed, epoch) at every epoch start and saved in mid-epoch
-checkpoints, so a resumed run ends with the same weights as an uninterrupted one.
+``curves.png``. Everything a run needs (data, model, augmentation) is built and checked before the directory
+is written, so a failed start leaves nothing behind. Randomness is derived from (seed, epoch) at every epoch
+start and saved in mid-epoch checkpoints, so a resumed run ends with the same weights as an uninterrupted one.
+
+Non-finite values (the spec: a NaN/inf loss stops the run with a clear message, or is skipped under
+GradScaler, counted and reported): without a GradScaler, a step that SAM skips for a non-finite gradient, or a
+non-finite loss, stops the run with :class:`TrainingDiverged` at the end of its epoch; under fp16's GradScaler
+skipped steps are left out of the epoch's loss and error, counted in ``skipped_steps``, and only an epoch whose
+every step was skipped stops the run. The counters stay on the device and are read once per epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +34,18 @@ from tqdm.auto import tqdm
 from sharpness import SAM
 from sharpness.harness.augment import build_augmentation
 from sharpness.harness.build import build_optimizer, build_schedule, method_label, resolve_device
-from sharpness.harness.checkpoint import append_jsonl, load_checkpoint, save_checkpoint, write_json
+from sharpness.harness.checkpoint import append_jsonl, atomic_write_bytes, load_checkpoint, save_checkpoint, write_json
 from sharpness.harness.config import TrainConfig
-from sharpness.harness.data import ArrayDataset, load_dataset, noisy_labels, train_val_split
 from sharpness.harness.loader import DeviceData
 from sharpness.harness.models import build_model
+from sharpness.harness.prepare import PreparedData, prepare_data
+from sharpness.harness.seeds import derive_seed
 
 __all__ = ["RunDirExists", "TrainingDiverged", "Interrupted", "PreparedData", "prepare_data", "train", "Trainer"]
 
 
 # Keys a resumed run may change: where the data and the computation are, not what is computed.
-_MAY_CHANGE = frozenset({"device", "data_dir"})
+_MAY_CHANGE = frozenset({"device", "data_dir", "cudnn_benchmark"})
 
 
 class RunDirExists(FileExistsError):
@@ -45,46 +53,18 @@ class RunDirExists(FileExistsError):
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss or gradients became NaN or infinite (see the module docstring for when this stops a run)."""
 
 
 class Interrupted(Exception):
     """SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
 
 
-@dataclass
-class PreparedData:
-    dataset: ArrayDataset
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    eval_images: np.ndarray
-    eval_labels: np.ndarray
-    clean_train_labels: np.ndarray
-    eval_split: str
-
-
-def prepare_data(config: TrainConfig, train_labels: np.ndarray | None = None) -> PreparedData:
-    """The training and evaluation arrays of a config: subset, validation split, label noise (test stays clean)."""
-    ds = load_dataset(config.dataset, config.data_dir)
-    x, y = ds.x_train, ds.y_train
-    if config.train_subset is not None:
-        x, y = x[: config.train_subset], y[: config.train_subset]
-    eval_x, eval_y, split = ds.x_test, ds.y_test, "test"
-    if config.val_fraction > 0:
-        train_idx, val_idx = train_val_split(len(y), config.val_fraction, config.seed)
-        if config.eval_on == "val":
-            eval_x, eval_y, split = x[val_idx], y[val_idx], "val"
-        x, y = x[train_idx], y[train_idx]
-    clean = y
-    if config.label_noise > 0:
-        y = noisy_labels(y, ds.num_classes, config.label_noise, seed=config.seed, kind=config.noise_kind)
-    if train_labels is not None:
-        y = train_labels
-    return PreparedData(ds, x, y, eval_x, eval_y, clean, split)
-
-
-def _seed_everything(seed: int, epoch: int) -> None:
-    torch.manual_seed(seed * 1_000_003 + 7919 * epoch + 1)
+def _seed_epoch(seed: int, epoch: int, aug_gen: torch.Generator) -> None:
+    """Seed torch's global generator (dropout, shake) and the augmentation's for ``epoch``; the batch order has
+    its own stream (:func:`sharpness.harness.loader.epoch_permutation`)."""
+    torch.manual_seed(derive_seed(seed, epoch, "torch"))
+    aug_gen.manual_seed(derive_seed(seed, epoch, "augment"))
 
 
 class Trainer:
@@ -113,10 +93,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.data = prepare_data(cfg, self._train_labels_override)
         ds = self.data.dataset
-        self.train_set = DeviceData(self.data.train_images, self.data.train_labels, device)
-        self.eval_set = DeviceData(self.data.eval_images, self.data.eval_labels, device)
-        if len(self.train_set) < cfg.batch_size:
-            raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(self.train_set)} training examples")
+        if len(self.data.train_labels) < cfg.batch_size:
+            raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(self.data.train_labels)} training examples")
         self.augment = build_augmentation(
             cfg.augment,
             ds.mean,
@@ -124,6 +102,7 @@ class Trainer:
             image_size=ds.x_train.shape[1],
             policy=cfg.autoaugment_policy,
             cutout_size=cfg.cutout_size,
+            flip=cfg.hflip,
         ).to(device)
         self.model = build_model(
             cfg.model,
@@ -135,6 +114,8 @@ class Trainer:
         self.model.to(device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.train_set = DeviceData(self.data.train_images, self.data.train_labels, device)
+        self.eval_sets = {name: DeviceData(x, y, device) for name, (x, y) in self.data.splits.items()}
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(cfg, self.model)
         self.steps_per_epoch = self.train_set.num_batches(cfg.batch_size, drop_last=True)
@@ -142,8 +123,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.aug_gen = torch.Generator(device=device)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: every batch has batch_size examples
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -165,7 +144,8 @@ class Trainer:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _step(self, images: Tensor, labels: Tensor, acc: dict[str, Tensor]) -> None:
-        """One update. SAM runs in its two-pass form, which GradScaler and clipping also go through."""
+        """One update. SAM runs in its two-pass form (per subset with ``m_sharpness``), which GradScaler and clipping
+        also go through."""
         opt, cfg = self.optimizer, self.config
         x = self._inputs(images, train=True)
         if isinstance(opt, SAM) and cfg.second_order:  # needs the closure form (config forbids fp16 here)
@@ -178,43 +158,93 @@ class Trainer:
                 return out[0]
 
             opt.step(closure)
-            self._after_step(*first[0], labels, acc)
+            self._after_step(*first[0], labels, acc, opt.last_step_skipped)
             return
-        loss, logits = self._loss(x, labels)
-        self._backward(loss)
         if isinstance(opt, SAM):
-            for _ in range(cfg.ascent_steps):
-                opt.first_step(zero_grad=True)
-                self._backward(self._loss(x, labels)[0])
-        elif cfg.grad_clip is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
+            loss, logits = self._sam_passes(x, labels)
+        else:
+            loss, logits = self._loss(x, labels)
+            self._backward(loss)
+            if cfg.grad_clip is not None:
+                if self.scaler is not None:
+                    self.scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
+        skipped = None
         if self.scaler is not None:
             scale_before = self.scaler._scale.clone() if not isinstance(opt, SAM) else None
             self.scaler.step(opt)
             self.scaler.update()
             if scale_before is not None:  # a plain optimizer's skipped step shows as a backed-off scale
-                acc["skipped"] += (self.scaler._scale < scale_before).long()
+                skipped = self.scaler._scale < scale_before
         else:
             opt.step()
-        self._after_step(loss, logits, labels, acc)
+        if isinstance(opt, SAM):
+            skipped = opt.last_step_skipped
+        self._after_step(loss, logits, labels, acc, skipped)
 
-    def _after_step(self, loss: Tensor, logits: Tensor, labels: Tensor, acc: dict[str, Tensor]) -> None:
-        opt = self.optimizer
-        if isinstance(opt, SAM) and opt.last_step_skipped is not None:
-            acc["skipped"] += opt.last_step_skipped.long()
-        opt.zero_grad(set_to_none=True)
+    def _sam_passes(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """SAM's clean and perturbed backward passes, leaving the step to ``opt.step()`` or ``scaler.step(opt)``.
+
+        With ``m_sharpness`` (Foret et al., §4.1) the batch is split into subsets of m examples, each perturbed
+        by its own gradient: per subset its clean backward, then ``ascent_steps`` times ``first_step`` and a
+        perturbed backward, each of the subset's mean loss weighted by its share of the batch, with
+        ``opt.next_subset()`` between subsets. Without it the same code runs once on the whole batch, unweighted.
+        The clean passes' losses (weighted and summed) and logits (concatenated) are returned for the metrics.
+        """
+        opt, cfg = self.optimizer, self.config
+        n = labels.numel()
+        m = cfg.m_sharpness or n
+        subsets = list(zip(x.split(m), labels.split(m), strict=True)) if m < n else [(x, labels)]
+        losses, logits = [], []
+        for i, (xs, ys) in enumerate(subsets):
+            if i:
+                opt.next_subset()
+            share = ys.numel() / n if len(subsets) > 1 else None
+            loss, out = self._loss(xs, ys)
+            self._backward(loss if share is None else loss * share)
+            for _ in range(cfg.ascent_steps):
+                opt.first_step(zero_grad=True)
+                perturbed = self._loss(xs, ys)[0]
+                self._backward(perturbed if share is None else perturbed * share)
+            losses.append(loss if share is None else loss.detach() * share)
+            logits.append(out)
+        if len(subsets) == 1:
+            return losses[0], logits[0]
+        return torch.stack(losses).sum(), torch.cat(logits)
+
+    def zero_accumulators(self) -> dict[str, Tensor]:
+        """An epoch's device counters: loss sum, correct predictions and examples of the kept steps, skipped steps."""
+        return {
+            "loss": torch.zeros((), device=self.device),
+            "correct": torch.zeros((), dtype=torch.int64, device=self.device),
+            "count": torch.zeros((), dtype=torch.int64, device=self.device),
+            "skipped": torch.zeros((), dtype=torch.int64, device=self.device),
+        }
+
+    def _after_step(
+        self, loss: Tensor, logits: Tensor, labels: Tensor, acc: dict[str, Tensor], skipped: Tensor | None
+    ) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         n = labels.numel()
-        acc["loss"] += loss.detach().float() * n
-        acc["correct"] += (logits.argmax(1) == labels).sum()
-        acc["count"] += n
+        loss_sum = loss.detach().float() * n
+        correct = (logits.argmax(1) == labels).sum()
+        if skipped is None:
+            acc["loss"] += loss_sum
+            acc["correct"] += correct
+            acc["count"] += n
+            return
+        kept = ~skipped  # a skipped step's (non-finite) loss stays out of the epoch's means, decided on the device
+        acc["loss"] += torch.where(kept, loss_sum, 0.0)
+        acc["correct"] += torch.where(kept, correct, 0)
+        acc["count"] += kept.long() * n
+        acc["skipped"] += skipped.long()
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, data: DeviceData | None = None) -> dict[str, float]:
-        data = data or self.eval_set
+        """Loss and error (%) on ``data`` (default: the clean test set), un-augmented."""
+        data = self.eval_sets["test"] if data is None else data
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -242,6 +272,7 @@ class Trainer:
         state = {
             "epoch": epoch,
             "step_in_epoch": step,
+            "device_type": self.device.type,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -256,42 +287,62 @@ class Trainer:
         return state
 
     def _load_state(self, state: dict[str, Any]) -> tuple[int, int, dict[str, Tensor]]:
+        # Checkpoints from before "device_type" was saved hold "rng_cuda" exactly when they were made on CUDA.
+        saved_on = state.get("device_type", "cuda" if "rng_cuda" in state else "cpu")
+        same_device = saved_on == self.device.type
+        if not same_device and state["step_in_epoch"] > 0:
+            raise ValueError(
+                f"--resume: {self.run_dir} was checkpointed on {saved_on} in the middle of epoch "
+                f"{state['epoch'] + 1} (after step {state['step_in_epoch']}); resume it on {saved_on} (the device "
+                "may change only at an epoch boundary, where every generator is re-seeded)"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng_cpu"])
-        self.aug_gen.set_state(state["rng_aug"])
-        if "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        if same_device:  # otherwise the epoch starts afresh and re-seeds the device's generators
+            self.aug_gen.set_state(state["rng_aug"])
+            if "rng_cuda" in state:
+                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         acc = {k: v.to(self.device) for k, v in state["accumulators"].items()}
         return state["epoch"], state["step_in_epoch"], acc
 
-    def _prepare_run_dir(self, resume: bool) -> bool:
-        """Create or check the run directory; True when there is a checkpoint to continue from."""
+    def _check_run_dir(self, resume: bool) -> bool:
+        """Check the run directory, writing nothing; True when there is a checkpoint to continue from."""
         config_path = self.run_dir / "config.yaml"
         if resume and config_path.is_file():
             saved = yaml.safe_load(config_path.read_text())
-            mine = self.config.to_dict()
-            diff = sorted(k for k in saved.keys() | mine.keys() if k not in _MAY_CHANGE and saved.get(k) != mine.get(k))
+            mine, defaults = self.config.to_dict(), TrainConfig().to_dict()  # keys added since the run started
+            diff = sorted(
+                k
+                for k in saved.keys() | mine.keys()
+                if k not in _MAY_CHANGE and saved.get(k, defaults.get(k)) != mine.get(k)
+            )
             if diff:
                 raise ValueError(f"--resume: the config differs from the run's config.yaml in {', '.join(diff)}")
-            if (self.run_dir / "checkpoint.pt").is_file():
-                return True
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # killed before its first checkpoint
-            return False
+            return (self.run_dir / "checkpoint.pt").is_file()
         if resume:
             raise FileNotFoundError(f"--resume: {self.run_dir} holds no run (no config.yaml)")
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise RunDirExists(
                 f"run directory {self.run_dir} is not empty; pass --resume to continue it, or choose another --out"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        if self._train_labels_override is not None:
-            np.save(self.run_dir / "train_labels.npy", self._train_labels_override)
         return False
+
+    def _open_run_dir(self) -> None:
+        """Write what a run starts from: ``config.yaml`` and a bootstrap run's ``train_labels.npy``, atomically."""
+        config_path = self.run_dir / "config.yaml"
+        if config_path.is_file():  # resumed, but killed before its first checkpoint
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._train_labels_override is not None:
+            labels = self._train_labels_override
+            atomic_write_bytes(self.run_dir / "train_labels.npy", lambda f: np.save(f, labels))
+        text = yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode()
+        atomic_write_bytes(config_path, lambda f: f.write(text))  # last: its presence marks a started run
 
     def _truncate_metrics(self, last_epoch: int) -> None:
         """Drop metric lines of epochs the checkpoint does not cover (a kill between the two writes)."""
@@ -306,26 +357,25 @@ class Trainer:
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Train to the end (or until SIGTERM, which raises :class:`Interrupted` after saving)."""
         cfg = self.config
-        resume = self._prepare_run_dir(resume)
+        from_checkpoint = self._check_run_dir(resume)
         self._setup()
-        zero = {
-            "loss": torch.zeros((), device=self.device),
-            "correct": torch.zeros((), dtype=torch.int64, device=self.device),
-            "count": torch.zeros((), dtype=torch.int64, device=self.device),
-            "skipped": torch.zeros((), dtype=torch.int64, device=self.device),
-        }
+        zero = self.zero_accumulators()
         start_epoch, start_step, acc = 0, 0, {k: v.clone() for k, v in zero.items()}
-        if resume:
+        if from_checkpoint:
             start_epoch, start_step, acc = self._load_state(load_checkpoint(self.run_dir / "checkpoint.pt"))
             self._truncate_metrics(start_epoch)
+        else:
+            self._open_run_dir()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        benchmark = torch.backends.cudnn.benchmark
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         started = time.perf_counter()
         try:
             epochs = tqdm(range(start_epoch, cfg.epochs), disable=not self.progress, desc=cfg.name, unit="epoch")
             for epoch in epochs:
                 if start_step == 0:
-                    _seed_everything(cfg.seed, epoch)
-                    self.aug_gen.manual_seed(cfg.seed * 1_000_003 + epoch)
+                    _seed_epoch(cfg.seed, epoch, self.aug_gen)
                 epoch_start = time.perf_counter()
                 self.model.train()
                 for i, (images, labels) in enumerate(
@@ -335,7 +385,7 @@ class Trainer:
                     if self._stop:
                         save_checkpoint(self.run_dir / "checkpoint.pt", self._state(epoch, i + 1, acc))
                         raise Interrupted(
-                            f"SIGTERM: checkpoint saved at epoch {epoch}, step {i + 1}; resume with --resume"
+                            f"SIGTERM: checkpoint saved in epoch {epoch + 1} after step {i + 1}; resume with --resume"
                         )
                 start_step = 0
                 if self.device.type == "cuda":
@@ -345,6 +395,7 @@ class Trainer:
                 acc = {k: v.clone() for k, v in zero.items()}
                 save_checkpoint(self.run_dir / "checkpoint.pt", self._state(epoch + 1, 0, acc))
         finally:
+            torch.backends.cudnn.benchmark = benchmark
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return self._finish(time.perf_counter() - started)
@@ -352,48 +403,67 @@ class Trainer:
     def _on_sigterm(self, signum, frame) -> None:
         self._stop = True
 
-    def _end_epoch(self, epoch: int, acc: dict[str, Tensor], seconds: float) -> dict[str, Any]:
-        count = max(1, int(acc["count"]))
-        train_loss = float(acc["loss"]) / count
-        if not np.isfinite(train_loss):
+    def _last_step_lr(self) -> float:
+        """The learning rate of the latest step (the schedule has already moved on to the next step's)."""
+        schedule = self.schedule
+        return schedule.base_lrs[0] * schedule.lr_lambdas[0](schedule.last_epoch - 1)
+
+    def _check_finite(self, epoch: int, loss_sum: float, count: int, skipped: int) -> None:
+        cfg, steps = self.config, self.steps_per_epoch
+        remedy = f"lower lr (now {cfg.lr:g})" + (f" or rho (now {cfg.rho:g})" if cfg.method == "sam" else "")
+        remedy += ", or set grad_clip" if cfg.grad_clip is None else f", or grad_clip (now {cfg.grad_clip:g})"
+        if self.scaler is None:
+            if skipped:
+                raise TrainingDiverged(
+                    f"epoch {epoch + 1}: {skipped} of {steps} steps had a non-finite loss or gradient and SAM "
+                    f"skipped them (precision {cfg.precision}, no GradScaler); {remedy}"
+                )
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(f"epoch {epoch + 1}: training loss is {loss_sum / max(1, count)}; {remedy}")
+            return
+        if count == 0:
             raise TrainingDiverged(
-                f"epoch {epoch + 1}: training loss is {train_loss}; lower lr (now {self.config.lr}) or rho, "
-                "or use precision: fp16 with GradScaler skipping"
+                f"epoch {epoch + 1}: GradScaler skipped all {steps} steps (inf/NaN gradients in every one); {remedy}"
             )
-        evaluation = self.evaluate()
-        record = {
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(
+                f"epoch {epoch + 1}: training loss is {loss_sum / count} on the steps GradScaler kept; {remedy}"
+            )
+
+    def _end_epoch(self, epoch: int, acc: dict[str, Tensor], seconds: float) -> dict[str, Any]:
+        # The epoch's one read of its device counters.
+        loss_sum, correct, count, skipped = torch.stack(
+            [acc[k].double() for k in ("loss", "correct", "count", "skipped")]
+        ).tolist()
+        count, skipped = int(count), int(skipped)
+        self._check_finite(epoch, loss_sum, count, skipped)
+        record: dict[str, Any] = {
             "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "train_error": 100.0 * (1 - int(acc["correct"]) / count),
-            f"{self.data.eval_split}_loss": evaluation["loss"],
-            f"{self.data.eval_split}_error": evaluation["error"],
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / count,
+            "train_error": 100.0 * (1 - correct / count),
+            "lr": self._last_step_lr(),
             "seconds": seconds,
-            "skipped_steps": int(acc["skipped"]),
+            "skipped_steps": skipped,
         }
-        if self.data.eval_split != "test":
-            record.update(test_loss=evaluation["loss"], test_error=evaluation["error"])
+        for split, data in self.eval_sets.items():
+            evaluation = self.evaluate(data)
+            record[f"{split}_loss"], record[f"{split}_error"] = evaluation["loss"], evaluation["error"]
         append_jsonl(self.run_dir / "metrics.jsonl", record)
         return record
 
     def _finish(self, seconds: float) -> dict[str, Any]:
-
         lines = [json.loads(x) for x in (self.run_dir / "metrics.jsonl").read_text().splitlines() if x]
         last = lines[-1]
-        split = self.data.eval_split
-        metrics = {
-            f"{split}_error": last[f"{split}_error"],
-            f"{split}_loss": last[f"{split}_loss"],
-            "test_error": last["test_error"],
-            "test_loss": last["test_loss"],
-            "train_error": last["train_error"],
-            "train_loss": last["train_loss"],
-            "skipped_steps": sum(x["skipped_steps"] for x in lines),
-        }
+        metrics: dict[str, Any] = {}
+        for split in self.eval_sets:
+            metrics[f"{split}_error"], metrics[f"{split}_loss"] = last[f"{split}_error"], last[f"{split}_loss"]
+        metrics.update(
+            train_error=last["train_error"],
+            train_loss=last["train_loss"],
+            skipped_steps=sum(x["skipped_steps"] for x in lines),
+        )
         if self.config.label_noise > 0:
-            predicted = self.predict_train_labels()
-            noisy = self.data.train_labels != self.data.clean_train_labels
-            metrics["noisy_labels_fitted"] = 100.0 * float(np.mean(predicted[noisy] == self.data.train_labels[noisy]))
+            metrics["noisy_labels_fitted"] = self._noisy_labels_fitted()
         summary = {
             "experiment": self.config.name,
             "method": self.method,
@@ -405,7 +475,8 @@ class Trainer:
             + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""),
             "config": self.config.to_dict(),
         }
-        torch.save(self.model.state_dict(), self.run_dir / "model.pt")
+        state = self.model.state_dict()
+        atomic_write_bytes(self.run_dir / "model.pt", lambda f: torch.save(state, f))
         write_json(self.run_dir / "summary.json", summary)
         try:
             from sharpness.harness.report import plot_curves
@@ -414,6 +485,18 @@ class Trainer:
         except Exception as exc:  # a plot must never lose a finished run
             print(f"warning: could not plot curves for {self.run_dir}: {exc}", file=sys.stderr)
         return summary
+
+    def _noisy_labels_fitted(self) -> float | None:
+        """Share (%) of the originally mislabelled training examples whose prediction is their noisy label.
+
+        Measured against the config's noisy labels, also in a bootstrap run (which trains on predicted labels).
+        """
+        noisy, clean = self.data.noisy_train_labels, self.data.clean_train_labels
+        mislabelled = noisy != clean
+        if not mislabelled.any():
+            return None
+        predicted = self.predict_train_labels()
+        return 100.0 * float(np.mean(predicted[mislabelled] == noisy[mislabelled]))
 
 
 def _main_thread() -> bool:
@@ -455,5 +538,5 @@ def _finished(trainer: Trainer, resume: bool) -> dict[str, Any] | None:
     summary = trainer.run_dir / "summary.json"
     if not (resume and summary.is_file()):
         return None
-    trainer._prepare_run_dir(resume=True)
+    trainer._check_run_dir(resume=True)
     return json.loads(summary.read_text())

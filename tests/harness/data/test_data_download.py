@@ -157,6 +157,11 @@ def test_official_table_and_embedded_digits():
         "e26dedcc434d2e4c54c9b2d4a06d8373",
         "eb5a983be6a315427106f1b164d9cef3",
     ]
+    assert [(r.filename, r.md5, r.subdir) for r in SPECS["svhn_extra"].remote] == [
+        ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373", "svhn"),
+        ("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7", "svhn"),
+        ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3", "svhn"),
+    ]
     assert [r.md5 for r in SPECS["mnist"].remote] == [
         "f68b3c2dcbeaaa9fbdd348bbdeb94873",
         "d53e105ee54ea40749a09fcbcd1e9432",

@@ -19,9 +19,11 @@ def test_missing_cifar10_message_names_files_folders_and_remedies(tmp_path):
         f"in {tmp_path}, {tmp_path / 'cifar10'}, {tmp_path / 'cifar-10'}",
         "--data-dir DIR",
         "SHARPNESS_DATA_DIR",
-        "--download",
+        "`sharpness download cifar10`",
+        "--download on train, compare and select-rho",
     ):
         assert expected in message
+    assert "download=True" not in message  # no such config key
 
 
 def test_missing_mnist_message_lists_idx_files_and_torchvision_folder(tmp_path):

@@ -10,7 +10,7 @@ from sharpness.harness.data.catalog import get_spec
 
 
 def test_dataset_names():
-    assert DATASETS == ("cifar10", "cifar100", "svhn", "mnist", "fashion_mnist", "digits")
+    assert DATASETS == ("cifar10", "cifar100", "svhn", "svhn_extra", "mnist", "fashion_mnist", "digits")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Reading SVHN train_32x32.mat / test_32x32.mat."""
+"""Reading SVHN train_32x32.mat / test_32x32.mat, and extra_32x32.mat for svhn_extra."""
 
 import numpy as np
 import pytest
@@ -68,3 +68,37 @@ def test_svhn_truncated_file_is_reported(tmp_path):
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(ValueError, match=r"train_32x32\.mat: truncated or corrupt MATLAB file"):
         load_dataset("svhn", tmp_path)
+
+
+def test_svhn_extra_trains_on_train_then_extra(tmp_path):
+    (tmp_path / "svhn").mkdir()
+    train = _write(tmp_path / "svhn" / "train_32x32.mat", 3, [10, 1, 5])
+    extra = _write(tmp_path / "svhn" / "extra_32x32.mat", 2, [7, 10], seed=6)
+    test = _write(tmp_path / "svhn" / "test_32x32.mat", 2, [3, 10], seed=5)
+    data = load_dataset("svhn-extra", tmp_path)
+    assert data.name == "svhn_extra" and data.x_train.shape == (5, 32, 32, 3)
+    np.testing.assert_array_equal(data.x_train, np.moveaxis(np.concatenate([train, extra], axis=-1), -1, 0))
+    np.testing.assert_array_equal(data.x_test, np.moveaxis(test, -1, 0))
+    assert data.y_train.tolist() == [0, 1, 5, 7, 0] and data.y_test.tolist() == [3, 0]
+    assert load_dataset("svhn", tmp_path).y_train.tolist() == [0, 1, 5]  # plain svhn ignores the extra file
+    expected_mean = np.concatenate([train, extra], axis=-1).reshape(-1, 3, 5).transpose(0, 2, 1).reshape(-1, 3)
+    np.testing.assert_allclose(data.mean, expected_mean.mean(axis=0) / 255, rtol=1e-12)
+
+
+def test_svhn_extra_without_extra_file_is_listed(tmp_path):
+    _write(tmp_path / "train_32x32.mat", 2, [1, 2])
+    _write(tmp_path / "test_32x32.mat", 1, [4])
+    with pytest.raises(FileNotFoundError) as caught:
+        load_dataset("svhn_extra", tmp_path)
+    message = str(caught.value)
+    assert "train_32x32.mat, extra_32x32.mat, test_32x32.mat" in message
+    assert f"{tmp_path} lacks extra_32x32.mat" in message
+    assert "sharpness download svhn_extra" in message
+
+
+def test_svhn_extra_corrupt_extra_file_is_reported(tmp_path):
+    _write(tmp_path / "train_32x32.mat", 2, [1, 2])
+    _write(tmp_path / "extra_32x32.mat", 2, [1, 12])
+    _write(tmp_path / "test_32x32.mat", 1, [4])
+    with pytest.raises(ValueError, match=r"extra_32x32\.mat: expected labels y in 1\.\.10"):
+        load_dataset("svhn_extra", tmp_path)

@@ -56,6 +56,20 @@ SPECS: dict[str, DatasetSpec] = {
                 RemoteFile("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3", "svhn"),
             ),
         ),
+        # SVHN's training set with the 531,131 "extra" digits added (604,388 in all), as the SAM paper trains
+        # SVHN (Appendix B.1); the test set is SVHN's.
+        DatasetSpec(
+            name="svhn_extra",
+            num_classes=10,
+            image_shape=(32, 32, 3),
+            subdirs=("svhn", "SVHN"),
+            mirrors=("http://ufldl.stanford.edu/housenumbers/",),
+            remote=(
+                RemoteFile("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373", "svhn"),
+                RemoteFile("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7", "svhn"),
+                RemoteFile("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3", "svhn"),
+            ),
+        ),
         DatasetSpec(
             name="mnist",
             num_classes=10,

@@ -13,7 +13,7 @@ from sharpness.harness.data.cifar_files import CIFAR_LAYOUTS, read_cifar_archive
 from sharpness.harness.data.idx_files import IDX_FILES, find_idx_files, read_idx_folder
 from sharpness.harness.data.locations import DATA_DIR_ENV
 from sharpness.harness.data.npz_files import find_parts, read_npz, read_npz_parts
-from sharpness.harness.data.svhn_files import SVHN_FILES, read_svhn_files
+from sharpness.harness.data.svhn_files import read_svhn_files, svhn_files
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def search(spec: DatasetSpec, root: Path) -> SearchResult:
         finders += [_cifar_folder, _cifar_archive]
     if spec.name in ("mnist", "fashion_mnist"):
         finders.append(_idx)
-    if spec.name == "svhn":
+    if spec.name in ("svhn", "svhn_extra"):
         finders.append(_svhn)
     for finder in finders:
         finder(spec, folders, result)
@@ -114,14 +114,15 @@ def _idx(spec: DatasetSpec, folders: list[Path], result: SearchResult) -> None:
 
 
 def _svhn(spec: DatasetSpec, folders: list[Path], result: SearchResult) -> None:
-    result.looked_for.append((", ".join(SVHN_FILES.values()), folders))
+    names = svhn_files(spec)
+    result.looked_for.append((", ".join(names.values()), folders))
     for folder in folders:
-        files = {split: folder / name for split, name in SVHN_FILES.items() if (folder / name).is_file()}
-        if len(files) == len(SVHN_FILES):
+        files = {split: folder / name for split, name in names.items() if (folder / name).is_file()}
+        if len(files) == len(names):
             result.found = Found(str(folder), partial(read_svhn_files, files, spec))
             return
         if files:
-            missing = [name for split, name in SVHN_FILES.items() if split not in files]
+            missing = [name for split, name in names.items() if split not in files]
             result.incomplete.append(f"{folder} lacks {', '.join(missing)}")
 
 
@@ -135,6 +136,6 @@ def not_found_message(spec: DatasetSpec, root: Path, result: SearchResult) -> st
     lines.append(
         "To provide it, put the files in one of those folders, or point to another folder with "
         f"--data-dir DIR (data_dir=...) or the environment variable {DATA_DIR_ENV}; or fetch the "
-        "official files with --download (download=True)."
+        f"official files with `sharpness download {spec.name}` (or --download on train, compare and select-rho)."
     )
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Reading the SVHN cropped-digit files ``train_32x32.mat`` and ``test_32x32.mat``."""
+"""Reading the SVHN cropped-digit files ``train_32x32.mat``, ``test_32x32.mat`` and ``extra_32x32.mat``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ from sharpness.harness.data.catalog import DatasetSpec
 from sharpness.harness.data.checks import Split, TrainTest, check_split
 
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+# ``svhn_extra`` trains on train + extra (the SAM paper's SVHN setting); the test set is the same.
+SVHN_EXTRA_FILES = {"train": "train_32x32.mat", "extra": "extra_32x32.mat", "test": "test_32x32.mat"}
+
+
+def svhn_files(spec: DatasetSpec) -> dict[str, str]:
+    """The ``.mat`` files a data set of the SVHN family reads, by split."""
+    return SVHN_EXTRA_FILES if spec.name == "svhn_extra" else SVHN_FILES
 
 
 def read_svhn_mat(path: Path, spec: DatasetSpec) -> Split:
@@ -33,5 +40,9 @@ def read_svhn_mat(path: Path, spec: DatasetSpec) -> Split:
 
 
 def read_svhn_files(files: dict[str, Path], spec: DatasetSpec) -> TrainTest:
-    """Read the train and test ``.mat`` files."""
-    return TrainTest(read_svhn_mat(files["train"], spec), read_svhn_mat(files["test"], spec))
+    """Read the train and test ``.mat`` files; with an ``extra`` file, its digits follow the training set's."""
+    train = read_svhn_mat(files["train"], spec)
+    if "extra" in files:
+        extra = read_svhn_mat(files["extra"], spec)
+        train = Split(np.concatenate([train.images, extra.images]), np.concatenate([train.labels, extra.labels]))
+    return TrainTest(train, read_svhn_mat(files["test"], spec))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from torch import nn
 
@@ -15,7 +15,7 @@ from sharpness.harness.models.shake_shake import ShakeShakeNet
 from sharpness.harness.models.small import MLP, SmallCNN
 from sharpness.harness.models.wide_resnet import WideResNet
 
-__all__ = ["MODEL_NAMES", "build_model"]
+__all__ = ["MODEL_NAMES", "build_model", "check_model_options"]
 
 MODEL_NAMES: tuple[str, ...] = (
     "wrn-<depth>-<width>",
@@ -90,6 +90,53 @@ _BUILDERS: tuple[tuple[re.Pattern[str], _Builder], ...] = (
 )
 
 
+def _builder(name: str) -> tuple[_Builder, re.Match[str]]:
+    key = name.strip().lower()
+    for pattern, builder in _BUILDERS:
+        match = pattern.fullmatch(key)
+        if match is not None:
+            return builder, match
+    raise ValueError(f"unknown model {name!r}; accepted names: {', '.join(MODEL_NAMES)}")
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` fits a builder option's annotation (``int``, ``float``, ``Literal[...]``)."""
+    if get_origin(annotation) is Literal:
+        return value in get_args(annotation)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return True
+
+
+def _kind(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(repr, get_args(annotation)))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def check_model_options(name: str, options: dict[str, Any]) -> None:
+    """Check a model name and its family options against the builder's signature.
+
+    Raises ``ValueError`` with one line: the unknown name, or the option that is wrong and the options (with
+    their types and defaults) that the family accepts.
+    """
+    builder, _ = _builder(name)
+    params = list(inspect.signature(builder).parameters.values())[4:]
+    hints = get_type_hints(builder)
+    allowed = ", ".join(f"{p.name} ({_kind(hints.get(p.name))}, default {p.default!r})" for p in params) or "none"
+    for key, value in options.items():
+        param = next((p for p in params if p.name == key), None)
+        if param is None:
+            hint = ""
+            if isinstance(key, str) and ":" in key and value is None:
+                hint = " (YAML needs a space after the colon: {width: 4}, not {width:4})"
+            raise ValueError(f"model_kwargs: model {name!r} has no option {key!r}{hint}; it accepts {allowed}")
+        if not _accepts(hints.get(key), value):
+            raise ValueError(f"model_kwargs: {key}={value!r} does not fit model {name!r}; it accepts {allowed}")
+
+
 def build_model(name: str, num_classes: int, in_channels: int = 3, *, image_size: int = 32, **kwargs: Any) -> nn.Module:
     """The network called ``name`` (one of :data:`MODEL_NAMES`) with ``num_classes`` outputs.
 
@@ -111,15 +158,11 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, image_size
         raise ValueError(
             f"num_classes, in_channels and image_size must be >= 1, got {num_classes}, {in_channels}, {image_size}"
         )
-    key = name.strip().lower()
-    for pattern, builder in _BUILDERS:
-        match = pattern.fullmatch(key)
-        if match is not None:
-            signature = inspect.signature(builder)
-            try:
-                signature.bind(match, num_classes, in_channels, image_size, **kwargs)
-            except TypeError as err:
-                options = list(signature.parameters)[4:]
-                raise TypeError(f"model {name!r} got options {sorted(kwargs)}; it accepts {options or 'none'}") from err
-            return builder(match, num_classes, in_channels, image_size, **kwargs)
-    raise ValueError(f"unknown model {name!r}; accepted names: {', '.join(MODEL_NAMES)}")
+    builder, match = _builder(name)
+    signature = inspect.signature(builder)
+    try:
+        signature.bind(match, num_classes, in_channels, image_size, **kwargs)
+    except TypeError as err:
+        options = list(signature.parameters)[4:]
+        raise TypeError(f"model {name!r} got options {sorted(kwargs)}; it accepts {options or 'none'}") from err
+    return builder(match, num_classes, in_channels, image_size, **kwargs)

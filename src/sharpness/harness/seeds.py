@@ -1,0 +1,25 @@
+"""Seeds of the random streams of a run, one per (seed, epoch, stream), mixed by numpy's ``SeedSequence``.
+
+A run draws from three streams each epoch: the batch order, the augmentation and torch's global generator
+(initialisation, dropout, shake-shake). Hashing (seed, epoch, stream) gives each its own seed, so no two
+streams, epochs or runs share one by an arithmetic coincidence (``seed * K + epoch`` gave the batch order
+and the augmentation the same seed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["STREAMS", "derive_seed"]
+
+STREAMS: dict[str, int] = {"order": 0, "augment": 1, "torch": 2}
+
+
+def derive_seed(seed: int, epoch: int, stream: str) -> int:
+    """A 63-bit seed for ``stream`` (one of :data:`STREAMS`) in epoch ``epoch`` of a run seeded ``seed``."""
+    if stream not in STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; choose one of {', '.join(STREAMS)}")
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got {seed} and {epoch}")
+    high, low = np.random.SeedSequence([seed, epoch, STREAMS[stream]]).generate_state(2, dtype=np.uint32)
+    return (int(high) << 32 | int(low)) & ((1 << 63) - 1)
