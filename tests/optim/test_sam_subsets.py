@@ -27,8 +27,9 @@ def _subset_step(model, opt, x, y, m, scaler=None, ascents=1):
         (scaler.scale(loss) if scaler else loss).backward()
 
 
-def _reference_gradient(model, x, y, m, rho):
-    """sum_i |S_i|/n * grad L_{S_i} at w + rho g_i/||g_i||, g_i = grad L_{S_i}(w)."""
+def _reference_gradient(model, x, y, m, rho, ascents=1):
+    """sum_i |S_i|/n * grad L_{S_i} at w_i, where w_i takes ``ascents`` steps of rho/k from w, each along the
+    normalised gradient of L_{S_i} at the current point (k = 1: w + rho g_i/||g_i||, g_i = grad L_{S_i}(w))."""
     names, w = zip(*[(n, q.detach().clone()) for n, q in model.named_parameters()], strict=True)
 
     def subset_grad(values, xs, ys):
@@ -38,10 +39,12 @@ def _reference_gradient(model, x, y, m, rho):
 
     total = [torch.zeros_like(t) for t in w]
     for xs, ys in zip(x.split(m), y.split(m), strict=True):
-        g = subset_grad(w, xs, ys)
-        norm = torch.cat([t.flatten() for t in g]).norm()
-        shifted = [t + rho * gi / norm for t, gi in zip(w, g, strict=True)]
-        for acc, gi in zip(total, subset_grad(shifted, xs, ys), strict=True):
+        point = list(w)
+        for _ in range(ascents):
+            g = subset_grad(point, xs, ys)
+            norm = torch.cat([t.flatten() for t in g]).norm()
+            point = [t + (rho / ascents) * gi / norm for t, gi in zip(point, g, strict=True)]
+        for acc, gi in zip(total, subset_grad(point, xs, ys), strict=True):
             acc += gi * len(ys) / len(y)
     return total
 
@@ -93,21 +96,25 @@ def test_buffers_see_each_subsets_clean_pass_once():
         assert torch.equal(a, b)
 
 
-def test_grad_scaler_sees_and_unscales_the_sum():
-    ref, model = mlp(torch.float32), mlp(torch.float32)
-    x, y = batch(12, torch.float32)
-    o_ref = SAM(ref.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
-    _subset_step(ref, o_ref, x, y, m=4)
-    o_ref.second_step()
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    _subset_step(model, opt, x, y, m=4, scaler=scaler)
-    scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
-    scaler.step(opt)
-    scaler.update()
-    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+def test_grad_scaler_and_clipping_see_the_sum():
+    model = mlp()
+    x, y = batch(12)
+    total = _reference_gradient(model, x, y, m=4, rho=0.05)
+    norm = torch.cat([t.flatten() for t in total]).norm()
+    clip = float(norm) / 3  # binding
+    factor = clip / (float(norm) + 1e-6)  # torch.nn.utils.clip_grad_norm_'s coefficient
+    for use_scaler in (False, True):
+        run = copy.deepcopy(model)
+        opt = SAM(run.parameters(), Recorder, rho=0.05, max_grad_norm=clip)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if use_scaler else None
+        _subset_step(run, opt, x, y, m=4, scaler=scaler)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.second_step()
+        for got, want in zip(opt.base_optimizer.seen[0], total, strict=True):
+            torch.testing.assert_close(got, want * factor, rtol=1e-9, atol=1e-12)
 
 
 def test_an_overflow_in_an_early_subset_skips_the_step():
@@ -130,10 +137,12 @@ def test_an_overflow_in_an_early_subset_skips_the_step():
 def test_several_ascent_steps_per_subset():
     model = mlp()
     x, y = batch(8)
+    expected = _reference_gradient(model, x, y, m=4, rho=0.1, ascents=2)
     opt = SAM(model.parameters(), Recorder, rho=0.1, ascent_steps=2)
     _subset_step(model, opt, x, y, m=4, ascents=2)
     opt.second_step()
-    assert len(opt.base_optimizer.seen) == 1
+    for got, want in zip(opt.base_optimizer.seen[0], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
 
 
 def test_call_order_errors():

@@ -50,6 +50,8 @@ def random_vector(
     """A random vector drawn from ``generator`` on its device (``device``, when given, must be
     the same), in ``dtype``: standard Gaussian entries, or Rademacher entries (:math:`\\pm1`)."""
     device = generator.device if device is None else torch.device(device)
+    if device.type != generator.device.type:
+        raise ValueError(f"the generator lives on {generator.device}, the vector is asked for on {device}")
     if distribution == "gaussian":
         return torch.randn(dim, generator=generator, dtype=dtype, device=device)
     if distribution == "rademacher":

@@ -68,38 +68,17 @@ def _check_common(args: argparse.Namespace) -> None:
     _require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
 
 
-def _weights(model, file: Path) -> None:
-    """Load a ``model.pt`` state dict or a ``checkpoint.pt`` (its ``"model"`` entry) into ``model``."""
-    from sharpness.harness.checkpoint import load_checkpoint
-
-    try:
-        obj = load_checkpoint(file)
-    except ValueError as exc:
-        raise ValueError(f"{file}: not a readable model.pt or checkpoint.pt file") from exc
-    state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{file}: not weights of this run's model ({first})") from exc
-
-
 def _batches(loaded, args: argparse.Namespace, shuffle: bool) -> list:
     """The run's batches: the first examples in stored order, or, with ``shuffle``, examples drawn
     from the whole split in a random order fixed by ``--seed``."""
     count = None if args.batches == 0 else args.batches
-    if not shuffle:
-        return loaded.batches(args.split, args.batch_size, count)
-    import torch
+    order = None
+    if shuffle:
+        import torch
 
-    everything = loaded.batches(args.split, args.batch_size, None)
-    x = torch.cat([b[0] for b in everything])
-    y = torch.cat([b[1] for b in everything])
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
-    if count is not None:
-        order = order[: count * args.batch_size]
-    order = order.to(x.device)
-    return [(x[i], y[i]) for i in torch.split(order, args.batch_size)]
+        gen = torch.Generator().manual_seed(args.seed)
+        order = torch.randperm(loaded.split_size(args.split), generator=gen).numpy()
+    return loaded.batches(args.split, args.batch_size, count, order=order)
 
 
 def _load(target: str, args: argparse.Namespace, shuffle: bool = False) -> _Measured:
@@ -108,18 +87,15 @@ def _load(target: str, args: argparse.Namespace, shuffle: bool = False) -> _Meas
     path = Path(target)
     file = path if path.is_file() else None
     run_dir = path.parent if file is not None else path
-    loaded = load_run(run_dir, device=args.device)
+    loaded = load_run(run_dir, device=args.device, weights=file)
     if file is not None:
-        _weights(loaded.model, file)
         ident = (*run_dir.resolve().parts[1:-1], f"{run_dir.resolve().name}-{file.stem}")
     else:
         ident = run_dir.resolve().parts[1:]
-    if file is None:  # the file load_run reads
-        file = run_dir / "model.pt" if (run_dir / "model.pt").is_file() else run_dir / "checkpoint.pt"
     batches = _batches(loaded, args, shuffle)
     source = {
         "run": str(run_dir),
-        "weights": str(file),
+        "weights": str(loaded.weights_file),
         "split": args.split,
         "batch_size": args.batch_size,
         "num_batches": len(batches),

@@ -8,14 +8,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sharpness.harness.seeds import derive_seed
+from sharpness.harness.seeds import epoch_seed
 
 __all__ = ["DeviceData", "epoch_permutation"]
 
 
 def epoch_permutation(num: int, seed: int, epoch: int, device: torch.device) -> Tensor:
     """The order of epoch ``epoch``: a function of (seed, epoch) alone, so a resumed run sees the same batches."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, epoch, "order"))
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, "order"))
     return torch.randperm(num, generator=gen).to(device)
 
 

@@ -29,26 +29,41 @@ class LoadedRun:
     data: PreparedData
     augment: Augmentation
     device: torch.device
+    weights_file: Path
+    """The file the model's weights were read from (``model.pt`` or ``checkpoint.pt``)."""
+
+    def split_size(self, split: str = "train") -> int:
+        return len(self._split(split)[1])
 
     def batches(
         self,
         split: str = "train",
         batch_size: int = 256,
         num_batches: int | None = None,
+        order: np.ndarray | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
-        """Normalised, un-augmented batches of the run's training labels (``train``) or of ``test``, on the device."""
-        if split == "train":
-            images, labels = self.data.train_images, self.data.train_labels
-        elif split == "test":
-            images, labels = self.data.dataset.x_test, self.data.dataset.y_test
-        else:
-            raise ValueError(f"split must be train or test, got {split!r}")
-        count = len(labels) if num_batches is None else min(len(labels), num_batches * batch_size)
-        x = torch.from_numpy(images[:count].transpose(0, 3, 1, 2).copy()).to(self.device)
-        y = torch.from_numpy(labels[:count]).long().to(self.device)
+        """Normalised, un-augmented batches of the run's training labels (``train``) or of ``test``, on the device.
+
+        The examples are taken in stored order, or in ``order`` (indices into the split); only the examples
+        used are copied to the device.
+        """
+        images, labels = self._split(split)
+        index = np.arange(len(labels)) if order is None else np.asarray(order)
+        if num_batches is not None:
+            index = index[: num_batches * batch_size]
+        x = torch.from_numpy(images[index].transpose(0, 3, 1, 2).copy()).to(self.device)
+        y = torch.from_numpy(labels[index]).long().to(self.device)
         return [
-            (self.augment.normalize(x[i : i + batch_size]), y[i : i + batch_size]) for i in range(0, count, batch_size)
+            (self.augment.normalize(x[i : i + batch_size]), y[i : i + batch_size])
+            for i in range(0, len(index), batch_size)
         ]
+
+    def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split == "train":
+            return self.data.train_images, self.data.train_labels
+        if split == "test":
+            return self.data.dataset.x_test, self.data.dataset.y_test
+        raise ValueError(f"split must be train or test, got {split!r}")
 
 
 def cross_entropy_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -57,8 +72,11 @@ def cross_entropy_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor
     return F.cross_entropy(model(x), y)
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> LoadedRun:
-    """Load ``run_dir``: its final ``model.pt``, else the model of its latest ``checkpoint.pt``."""
+def load_run(run_dir: str | Path, device: str = "auto", weights: str | Path | None = None) -> LoadedRun:
+    """Load ``run_dir``: its final ``model.pt``, else the model of its latest ``checkpoint.pt``.
+
+    ``weights`` names another ``model.pt`` state dict or ``checkpoint.pt`` of this run's model to load instead.
+    """
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
@@ -77,11 +95,19 @@ def load_run(run_dir: str | Path, device: str = "auto") -> LoadedRun:
         image_size=ds.x_train.shape[1],
         **config.model_kwargs,
     )
-    if (run_dir / "model.pt").is_file():
-        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    else:
-        state = load_checkpoint(run_dir / "checkpoint.pt")["model"]
-    model.load_state_dict(state)
+    if weights is None:
+        weights = run_dir / "model.pt" if (run_dir / "model.pt").is_file() else run_dir / "checkpoint.pt"
+    weights = Path(weights)
+    try:
+        saved = load_checkpoint(weights)
+    except ValueError as exc:
+        raise ValueError(f"{weights}: not a readable model.pt or checkpoint.pt file") from exc
+    state = saved["model"] if isinstance(saved, dict) and isinstance(saved.get("model"), dict) else saved
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{weights}: not weights of this run's model ({first})") from exc
     model.to(dev).eval()
     augment = build_augmentation("none", ds.mean, ds.std, image_size=ds.x_train.shape[1]).to(dev)
-    return LoadedRun(run_dir, config, model, data, augment, dev)
+    return LoadedRun(run_dir, config, model, data, augment, dev, weights)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["STREAMS", "derive_seed"]
+__all__ = ["STREAMS", "epoch_seed"]
 
 STREAMS: dict[str, int] = {"order": 0, "augment": 1, "torch": 2}
 
 
-def derive_seed(seed: int, epoch: int, stream: str) -> int:
+def epoch_seed(seed: int, epoch: int, stream: str) -> int:
     """A 63-bit seed for ``stream`` (one of :data:`STREAMS`) in epoch ``epoch`` of a run seeded ``seed``."""
     if stream not in STREAMS:
         raise ValueError(f"unknown random stream {stream!r}; choose one of {', '.join(STREAMS)}")

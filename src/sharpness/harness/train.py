@@ -39,7 +39,7 @@ from sharpness.harness.config import TrainConfig
 from sharpness.harness.loader import DeviceData
 from sharpness.harness.models import build_model
 from sharpness.harness.prepare import PreparedData, prepare_data
-from sharpness.harness.seeds import derive_seed
+from sharpness.harness.seeds import epoch_seed
 
 __all__ = ["RunDirExists", "TrainingDiverged", "Interrupted", "PreparedData", "prepare_data", "train", "Trainer"]
 
@@ -63,8 +63,8 @@ class Interrupted(Exception):
 def _seed_epoch(seed: int, epoch: int, aug_gen: torch.Generator) -> None:
     """Seed torch's global generator (dropout, shake) and the augmentation's for ``epoch``; the batch order has
     its own stream (:func:`sharpness.harness.loader.epoch_permutation`)."""
-    torch.manual_seed(derive_seed(seed, epoch, "torch"))
-    aug_gen.manual_seed(derive_seed(seed, epoch, "augment"))
+    torch.manual_seed(epoch_seed(seed, epoch, "torch"))
+    aug_gen.manual_seed(epoch_seed(seed, epoch, "augment"))
 
 
 class Trainer:

@@ -62,8 +62,9 @@ class SAM(Optimizer):
             ``loss.backward(create_graph=opt.create_graph)``).
         max_grad_norm: if set, clip the final (unscaled) gradient to this global 2-norm before the base step.
         skip_nonfinite: skip the base step (and leave :math:`w` untouched) when a gradient of either pass is
-            not finite. Fused base optimizers (``fused=True``) skip on the device; others need one read of a
-            flag on the host per step.
+            not finite. Fused base optimizers (``fused=True``) skip on the device once every parameter has had
+            one base step; before that, and always with other base optimizers, SAM reads the flag on the host
+            once per step.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example::
@@ -133,6 +134,7 @@ class SAM(Optimizer):
         else:
             base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.base_optimizer = base_optimizer  # from here on, param_groups and state are the base optimizer's
+        del self.__dict__["_groups_before_base"], self.__dict__["_state_before_base"]
         self.defaults = {**base_optimizer.defaults, **self._sam_defaults}  # OneCycleLR looks for 'momentum' here
 
         self._names = {param: name for name, param in model.named_parameters()} if model is not None else {}
@@ -376,6 +378,12 @@ class SAM(Optimizer):
     def _finish_step(self) -> None:
         """Restore w and the buffers, unscale and clip the gradients, and run the base step unless skipping."""
         self._restore()
+        try:
+            self._base_update()
+        finally:
+            self._end_step()
+
+    def _base_update(self) -> None:
         with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in with_grad]
         # Set by GradScaler.step because of _step_supports_amp_scaling; grad_scale is None if already unscaled.
@@ -397,12 +405,11 @@ class SAM(Optimizer):
                 flags.append(found_inf > 0)
             elif total_norm is not None:
                 flags.append(~torch.isfinite(total_norm))
-            elif grads:  # a sum of |g| propagates inf and NaN, and cannot overflow for finite float32 gradients
+            elif grads:  # a sum of |g| propagates inf and NaN; it overflows only near float32's largest values
                 flags.append(~torch.isfinite(global_norm(grads, 1.0, dtype=torch.float32)))
             if flags:
                 skip = torch.stack([f.to(flags[0].device) for f in flags]).any()
         self._base_step(skip, with_grad)
-        self._end_step()
 
     # ------------------------------------------------------------------ internals
     def _pending(self) -> bool:
@@ -433,7 +440,9 @@ class SAM(Optimizer):
         """Copy :math:`w` and the model's buffers, reusing the copies of earlier steps."""
         if params:
             copies = self._run.copies
-            if len(copies) != len(params) or any(a is not b for a, b in zip(params, self._run.copied, strict=True)):
+            if len(copies) != len(params) or any(
+                a is not b or _layout(a) != _layout(c) for a, b, c in zip(params, self._run.copied, copies, strict=True)
+            ):
                 for param in params:
                     copy = self._w.get(param)
                     if copy is None or _layout(copy) != _layout(param):
@@ -478,11 +487,12 @@ class SAM(Optimizer):
             base.step()
             return
         self._run.skipped_steps = self._run.skipped_steps.to(skip.device) + skip.to(torch.int64)
-        # Fused kernels skip on the device. Until every parameter has state, read the flag on the host instead:
-        # torch's fused SGD allocates its momentum with empty_like on a parameter's first step and keeps that
-        # uninitialised memory when the step is skipped.
+        # Fused kernels skip on the device. Until every parameter has had a base step, read the flag on the host
+        # instead: torch's fused SGD allocates its momentum with empty_like on a parameter's first step and keeps
+        # that uninitialised memory when the step is skipped.
         fused = getattr(base, "_step_supports_amp_scaling", False)
-        if fused and all(base.state.get(p) for p in with_grad):
+        stepped = self._run.stepped
+        if fused and all(p in stepped for p in with_grad):
             base.grad_scale, base.found_inf = None, skip.float()  # type: ignore[attr-defined]
             try:
                 base.step()
@@ -490,6 +500,7 @@ class SAM(Optimizer):
                 del base.grad_scale, base.found_inf  # type: ignore[attr-defined]
         elif not bool(skip):  # one host read per step
             base.step()
+            stepped.update(with_grad)
 
     def _add_second_order_term(self, closure: Callable[[], Tensor]) -> None:
         r"""Replace ``.grad`` (:math:`v = \nabla L(w + \hat\epsilon)`) by :math:`v + (d\hat\epsilon/dw)^\top v`.
@@ -567,9 +578,6 @@ class SAM(Optimizer):
         # wrapper of ``step`` (an instance attribute holding a weak reference to this object) is left behind.
         return {key: value for key, value in self.__dict__.items() if key != "step"}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-
 
 class _StepState:
     """SAM's bookkeeping of the step in progress, and its skip counters."""
@@ -583,6 +591,7 @@ class _StepState:
         self.copies: list[Tensor] = []
         self.buffer_slots: list[tuple[dict[str, Tensor], str]] = []  # (module._buffers, name) per buffer
         self.buffer_backup: list[Tensor] = []
+        self.stepped: set[Tensor] = set()  # parameters the base optimizer has stepped (so has state for)
         self.in_closure = False
         self.create_graph = False
         self.last_skipped: Tensor | None = None
