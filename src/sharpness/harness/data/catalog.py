@@ -26,6 +26,11 @@ class DatasetSpec:
     remote: tuple[RemoteFile, ...] = ()
 
 
+_SVHN_MIRRORS = ("http://ufldl.stanford.edu/housenumbers/",)
+_SVHN_TRAIN = RemoteFile("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373", "svhn")
+_SVHN_EXTRA = RemoteFile("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7", "svhn")
+_SVHN_TEST = RemoteFile("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3", "svhn")
+
 SPECS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
@@ -50,11 +55,8 @@ SPECS: dict[str, DatasetSpec] = {
             num_classes=10,
             image_shape=(32, 32, 3),
             subdirs=("svhn", "SVHN"),
-            mirrors=("http://ufldl.stanford.edu/housenumbers/",),
-            remote=(
-                RemoteFile("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373", "svhn"),
-                RemoteFile("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3", "svhn"),
-            ),
+            mirrors=_SVHN_MIRRORS,
+            remote=(_SVHN_TRAIN, _SVHN_TEST),
         ),
         # SVHN's training set with the 531,131 "extra" digits added (604,388 in all), as the SAM paper trains
         # SVHN (Appendix B.1); the test set is SVHN's.
@@ -63,12 +65,8 @@ SPECS: dict[str, DatasetSpec] = {
             num_classes=10,
             image_shape=(32, 32, 3),
             subdirs=("svhn", "SVHN"),
-            mirrors=("http://ufldl.stanford.edu/housenumbers/",),
-            remote=(
-                RemoteFile("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373", "svhn"),
-                RemoteFile("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7", "svhn"),
-                RemoteFile("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3", "svhn"),
-            ),
+            mirrors=_SVHN_MIRRORS,
+            remote=(_SVHN_TRAIN, _SVHN_EXTRA, _SVHN_TEST),
         ),
         DatasetSpec(
             name="mnist",
