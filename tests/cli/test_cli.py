@@ -165,3 +165,19 @@ def test_help_lists_every_config_key_and_prints_percent_signs_once(capsys):
     with pytest.raises(SystemExit):
         main(["report", "--help"])
     assert "95% CI" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+
+    from sharpness import __version__
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sharpness", "configs"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    listed = {line.split()[0]: line.split()[-1] for line in done.stdout.splitlines()}
+    assert listed["cifar10_wrn16-8_noise40"] == "reduced" and listed["demo-digits"] == "cpu"
+    version = subprocess.run([sys.executable, "-m", "sharpness", "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"sharpness {__version__}"

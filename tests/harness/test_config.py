@@ -159,15 +159,26 @@ def test_milestones_below_one_are_fractions_and_from_one_on_epochs():
     assert _boundaries([2.5]) == [18]  # round(2.5 * 7)
 
 
+def test_bundled_config_by_its_folder_and_file_name():
+    plain = load_config("cifar10_wrn16-8_noise40")
+    assert load_config("reduced/cifar10_wrn16-8_noise40") == plain
+    assert load_config("reduced/cifar10_wrn16-8_noise40.yaml") == plain
+    assert load_config("cifar10_wrn16-8_noise40.yaml") == plain
+    with pytest.raises(ConfigError, match="no bundled config of that name"):
+        load_config("paper/cifar10_wrn16-8_noise40")
+
+
 def test_overrides_parse_yaml_values():
     cfg = apply_overrides(TrainConfig(), ["milestones=[0.5, 0.75]", "adaptive=true", "grad_clip=5", "p=inf"])
     assert cfg.milestones == [0.5, 0.75] and cfg.adaptive is True and cfg.grad_clip == 5.0
     assert cfg.p == float("inf")
 
 
-def test_unknown_config_name_lists_the_bundled_ones(tmp_path):
-    with pytest.raises(ConfigError, match="bundled: "):
+def test_unknown_config_name_points_to_the_list_and_close_names(tmp_path):
+    with pytest.raises(ConfigError, match=r"`sharpness configs` lists the \d+ bundled ones\)$"):
         load_config("no-such-config")
+    with pytest.raises(ConfigError, match="did you mean cifar10_wrn16-8_noise40"):
+        load_config("cifar10_wrn16-8_noise4")
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -323,16 +324,23 @@ def bundled_configs() -> dict[str, Path]:
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """A config from a YAML file, or a bundled config by name, with optional ``key=value`` overrides."""
+    """A config from a YAML file, or a bundled config by name, with optional ``key=value`` overrides.
+
+    A bundled config may also be named by its place in the package's ``configs/`` folder, as
+    ``sharpness configs`` groups them: ``reduced/cifar10_wrn16-8_noise40`` or ``….yaml``.
+    """
     path = Path(name_or_path)
     if not path.exists():
         bundled = bundled_configs()
-        if str(name_or_path) not in bundled:
+        name = path.name.removesuffix(".yaml")
+        if name not in bundled or (path.parent != Path(".") and bundled[name].parent.name != path.parent.name):
+            close = difflib.get_close_matches(name, list(bundled), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(
-                f"no config file {str(name_or_path)!r} and no bundled config of that name; "
-                f"bundled: {', '.join(bundled)}"
+                f"no config file {str(name_or_path)!r} and no bundled config of that name "
+                f"(`sharpness configs` lists the {len(bundled)} bundled ones){hint}"
             )
-        path = bundled[str(name_or_path)]
+        path = bundled[name]
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
