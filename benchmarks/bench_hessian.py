@@ -1,7 +1,9 @@
 """Side-by-side timing and accuracy of sharpness.analysis against PyHessian (Yao et al. 2020).
 
-Same model (a small CNN with BatchNorm, eval mode in both, as PyHessian forces), same data, same
-number of Lanczos / power iterations:
+Same model (``--model cnn``: a small CNN with BatchNorm on 3x16x16 images, where a product is a few
+milliseconds and per-kernel overheads weigh; ``--model resnet20``: the harness's CIFAR ResNet-20 on
+3x32x32 images, where the convolutions dominate; BatchNorm in eval mode in both libraries, as
+PyHessian forces), same data, same number of Lanczos / power iterations:
 
 * top eigenvalue: PyHessian's power iteration (``eigenvalues(top_n=1)``) against our Lanczos and
   our power iteration;
@@ -47,6 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharpness.analysis import HessianOperator, power_iteration, spectral_density, top_eigenpairs
+from sharpness.harness.models import build_model
+
+from provenance import run_info
 
 
 def _eig_shim(matrix: torch.Tensor, eigenvectors: bool = False):
@@ -55,7 +60,12 @@ def _eig_shim(matrix: torch.Tensor, eigenvectors: bool = False):
     return torch.stack([values, torch.zeros_like(values)], dim=1), vectors
 
 
-def make_model() -> nn.Module:
+IMAGE_SIZE = {"cnn": 16, "resnet20": 32}
+
+
+def make_model(name: str = "cnn") -> nn.Module:
+    if name == "resnet20":
+        return build_model("resnet20", 10)
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
@@ -63,14 +73,14 @@ def make_model() -> nn.Module:
     )  # fmt: skip
 
 
-def make_data(num_batches: int, batch_size: int, seed: int = 0):
-    """Class-dependent Gaussian images (so a few SGD steps learn something), 3 x 16 x 16."""
+def make_data(num_batches: int, batch_size: int, seed: int = 0, size: int = 16):
+    """Class-dependent Gaussian images (so a few SGD steps learn something), 3 x size x size."""
     gen = torch.Generator().manual_seed(seed)
-    centers = torch.randn(10, 3, 16, 16, generator=gen)
+    centers = torch.randn(10, 3, size, size, generator=gen)
     batches = []
     for _ in range(num_batches):
         y = torch.randint(0, 10, (batch_size,), generator=gen)
-        x = centers[y] + 2.0 * torch.randn(batch_size, 3, 16, 16, generator=gen)
+        x = centers[y] + 2.0 * torch.randn(batch_size, 3, size, size, generator=gen)
         batches.append((x, y))
     return batches
 
@@ -112,6 +122,7 @@ def clock(fn: Callable, device: torch.device) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=sorted(IMAGE_SIZE), default="cnn", help="see the module docstring")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--iters", type=int, default=20, help="Lanczos / power iterations")
@@ -121,6 +132,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=str, default=None, help="also write the results here")
     args = parser.parse_args()
+    info = run_info("bench_hessian")  # before the runs: the code they import is the code of this moment
 
     from pyhessian import hessian as PyHessian
     from pyhessian.utils import hessian_vector_product, normalization
@@ -130,8 +142,9 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    data = make_data(args.batches, args.batch_size)
-    model = make_model()
+    size = IMAGE_SIZE[args.model]
+    data = make_data(args.batches, args.batch_size, size=size)
+    model = make_model(args.model)
     train_briefly(model, data)
     model = model.to(device)
     data = [(x.to(device), y.to(device)) for x, y in data]
@@ -155,8 +168,8 @@ def main() -> None:
     ref = top_eigenpairs(ours(torch.float64), 5, num_iters=args.reference_iters)
     ref_top = ref.eigenvalues.tolist()
     print(
-        f"model: small CNN, {num_params} parameters; data: {args.batches} x {args.batch_size} "
-        f"images 3x16x16; device: {device} ({device_name}, {torch.get_num_threads()} threads); "
+        f"model: {args.model}, {num_params} parameters; data: {args.batches} x {args.batch_size} "
+        f"images 3x{size}x{size}; device: {device} ({device_name}, {torch.get_num_threads()} threads); "
         f"torch {torch.__version__}"
     )
     print(
@@ -253,6 +266,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(
                 {
+                    **info,
                     "args": vars(args),
                     "torch": torch.__version__,
                     "device_name": device_name,

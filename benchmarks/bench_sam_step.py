@@ -37,12 +37,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime as dt
 import gc
 import json
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,23 +52,10 @@ from torch import Tensor, nn
 from sharpness import SAM
 from sharpness.harness.models import build_model
 
+from provenance import run_info
+
 VARIANTS = ("sgd", "2pass", "sam", "sam-nomodel", "sam-noskip", "davda54", "davda54+bn")
 SAM_VARIANTS = ("sam", "sam-nomodel", "sam-noskip", "davda54", "davda54+bn")
-
-
-def source_state() -> dict[str, Any]:
-    """The library's commit and its uncommitted files (read-only git), so figures can be tied to the code."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=10
-        ).stdout.split("\n")
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "modified_src_files": None}
-    return {"commit": commit or None, "modified_src_files": [line[3:] for line in dirty if line.strip()]}
 
 
 # ---------------------------------------------------------------------- davda54/sam, for comparison
@@ -473,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.steps = args.steps or (20 if cuda else 1)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
 
-    source = source_state()  # before the runs: the code they import is the code of this moment
+    info = run_info("bench_sam_step")  # before the runs: the code they import is the code of this moment
     results = [bench_model(name, args, device) for name in args.models]
     device_name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if cuda else "")
     header = (
@@ -483,12 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print_table(results, header, cuda)
     out = {
-        "benchmark": "bench_sam_step",
-        "date": dt.date.today().isoformat(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "source": source,
+        **info,
         "device": device_name,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "results": results,

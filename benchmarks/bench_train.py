@@ -32,11 +32,8 @@ warm-up steps, in which the optimizers allocate their state). CPU runs cannot ch
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,23 +46,10 @@ import torch
 from sharpness.harness.config import apply_overrides, load_config
 from sharpness.harness.train import Trainer
 
+from provenance import run_info
+
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 TARGET_SAM_SECONDS = 5.0
-
-
-def source_state() -> dict[str, Any]:
-    """The library's commit and its uncommitted files (read-only git), so figures can be tied to the code."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=10
-        ).stdout.split("\n")
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "modified_src_files": None}
-    return {"commit": commit or None, "modified_src_files": [line[3:] for line in dirty if line.strip()]}
 
 
 def write_synthetic_cifar10(folder: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
@@ -196,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    source = source_state()  # before the runs: the code they import is the code of this moment
+    info = run_info("bench_train")  # before the runs: the code they import is the code of this moment
     base = load_config(args.config, args.set)
     overrides = [f"epochs={args.epochs}", f"device={args.device}"]
     if base.warmup_epochs > args.epochs:  # the warm-up's length does not change the time of a step
@@ -250,12 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not syncs:
         print("sync check: CUDA only (torch.cuda.set_sync_debug_mode); not run on this device")
     result = {
-        "benchmark": "bench_train",
-        "date": dt.date.today().isoformat(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "source": source,
+        **info,
         "device": device_name,
         "threads": torch.get_num_threads(),
         "cudnn_benchmark": cfg.cudnn_benchmark,

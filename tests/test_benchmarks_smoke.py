@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -83,3 +85,69 @@ def test_bench_sam_step_runs(tmp_path):
     assert variants == ["sgd", "2pass", "sam", "sam-nomodel", "sam-noskip", "davda54", "davda54+bn"]
     sam = next(row for row in result["results"][0]["rows"] if row["variant"] == "sam")
     assert "overhead_pct" in sam and sam["extra_state_MiB"] > 0
+
+
+def test_gpu_checks_script_dry_run(tmp_path):
+    """The one-command GPU script, in its tiny CPU mode: every step runs and leaves well-formed JSON."""
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "QUICK": "1",
+        "DEVICE": "cpu",
+        "OUT": str(out),
+        "WHEELS": str(tmp_path / "no-wheels"),
+        "PYTHON": sys.executable,
+        "SHARPNESS_SOURCE_COMMIT": "0000000",
+    }
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_checks.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "all steps passed" in done.stdout
+    names = ["bench_train", "bench_hessian_cnn_4x64", "bench_hessian_cnn_1x256", "bench_hessian_resnet20"]
+    others = ["bench_sam_step", "bench_landscape"]
+    results = {name: json.loads((out / f"{name}.json").read_text()) for name in [*names, *others]}
+    for name, result in results.items():
+        assert result["benchmark"] == name.split("_cnn")[0].split("_resnet")[0], name
+        assert result["date"] and result["torch"] == torch.__version__ and "commit" in result["source"]
+    for name in names[1:]:
+        tasks = {row["task"] for row in results[name]["rows"]}
+        libraries = {row["library"].split(" ")[0].rstrip(",") for row in results[name]["rows"]}
+        assert tasks == {"top-1", "top-5", "density"} and libraries == {"PyHessian", "sharpness"}, name
+    assert results["bench_hessian_resnet20"]["args"]["model"] == "resnet20"
+    landscape = results["bench_landscape"]["rows"]
+    assert [(r["points_per_batch"], r["batched"]) for r in landscape] == [(1, False), (3, True)]
+    assert landscape[1]["max_rel_diff"] < 1e-5  # the batched grid computes the same losses
+    assert "=== bench_landscape: exit 0" in (out / "gpu_checks.log").read_text()
+
+
+def test_gpu_checks_script_stops_at_its_budget(tmp_path):
+    env = {
+        **os.environ,
+        "BUDGET": "0",
+        "OUT": str(tmp_path),
+        "WHEELS": str(tmp_path / "none"),
+        "PYTHON": sys.executable,
+    }
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_checks.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "bench_train: not run" in done.stdout and "FAILED: bench_train" in done.stdout
+
+
+def test_provenance_names_the_commit_outside_a_checkout(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import provenance
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    here = provenance.source_state()
+    assert here["commit"] and isinstance(here["modified_src_files"], list)
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)  # no .git here: as on the GPU machine
+    monkeypatch.setenv(provenance.COMMIT_VARIABLE, "abc1234")
+    assert provenance.source_state() == {"commit": "abc1234", "modified_src_files": None}
+    monkeypatch.delenv(provenance.COMMIT_VARIABLE)
+    assert provenance.source_state() == {"commit": None, "modified_src_files": None}
+    assert provenance.run_info("x")["benchmark"] == "x"

@@ -22,7 +22,8 @@ The model is restored bit-exactly afterwards.
 
 ``points_per_batch > 1`` evaluates that many grid points at once with ``torch.vmap`` over
 ``torch.func.functional_call`` (:mod:`sharpness.analysis.batched_eval`), meant for GPUs, where
-one small forward pass leaves the device idle. It applies when BatchNorm uses running statistics
+one small forward pass leaves the device idle (on a CPU it was 2-3x slower than one by one for a
+ResNet-20, ``benchmarks/bench_landscape.py``). It applies when BatchNorm uses running statistics
 and is not recalibrated (``bn_mode="eval"``, or a model without BatchNorm, and no
 ``recalibration_batches``); otherwise, or if ``vmap`` cannot run ``loss_fn`` / the metrics, the
 points are evaluated one by one (with a warning in the latter case). The result's ``batched``

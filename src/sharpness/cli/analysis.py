@@ -388,8 +388,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--points-per-batch",
         type=int,
         default=1,
-        help="evaluate this many grid points in one vmapped forward pass (for GPUs; only with "
-        "--bn-mode eval and without --recalibrate-bn, else one by one; default: 1)",
+        help="evaluate this many grid points in one vmapped forward pass (for GPUs: on a CPU it was 2-3x "
+        "slower, docs/analysis.md; only with --bn-mode eval and without --recalibrate-bn, else one by one; "
+        "default: 1)",
     )
     p.set_defaults(handler=_landscape)
 
