@@ -256,13 +256,11 @@ class Runner:
         """Bytes of state a SAM variant keeps beyond its base optimizer's (weight copies, buffer backups)."""
         if self.variant in ("sgd", "2pass"):
             return 0
-        total = sum(
-            t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)
-        )
-        run = getattr(self.opt, "_run", None)  # sharpness.SAM keeps its buffer backup there (private)
-        backup = getattr(run, "buffer_backup", None) if run is not None else getattr(self.opt, "_buffer_backup", None)
-        total += sum(t.numel() * t.element_size() for t in backup or [])
-        return total
+        if isinstance(self.opt, SAM):  # its copies of w and its buffer backup (private; opt.state is the base's)
+            kept = [*self.opt._w.values(), *self.opt._run.buffer_backup]
+        else:  # the davda54 class keeps old_p in its own state, the base optimizer's momentum elsewhere
+            kept = [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in kept)
 
 
 def _sync(device: torch.device) -> None:

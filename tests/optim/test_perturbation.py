@@ -166,3 +166,25 @@ def test_no_underflow_or_overflow_for_tiny_or_loss_scaled_gradients(p, magnitude
 def test_a_nonfinite_gradient_makes_every_entry_nan(p):
     eps, _ = perturbation([torch.tensor([1.0, float("inf")]), torch.ones(2)], 0.05, p)
     assert all(torch.isnan(e).all() for e in eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_normaliser_is_divided_in_the_gradients_dtype(dtype, monkeypatch):
+    """CUDA's one-launch ``_foreach_div(tensors, scalar)`` needs the scalar in the tensors' dtype; for float32
+    the result is bitwise that of a float64 scalar (the kernel casts it anyway)."""
+    grads = _random(3, dtype)
+    expected, _ = perturbation(grads, 0.05, 2.0)
+    seen = []
+    real = torch._foreach_div
+
+    def recording(tensors, other):
+        seen.append((other.dtype, {t.dtype for t in tensors}))
+        return real(tensors, other)
+
+    monkeypatch.setattr(torch, "_foreach_div", recording)
+    eps, _ = perturbation(grads, 0.05, 2.0)
+    assert seen == [(dtype, {dtype})]
+    monkeypatch.undo()
+    as_float64 = real(grads, (torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads])) / 0.05))
+    for a, b, c in zip(eps, expected, as_float64, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)

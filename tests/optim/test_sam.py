@@ -173,6 +173,24 @@ def test_buffers_end_as_the_clean_pass_left_them(form):
         assert torch.equal(a, b)
 
 
+def test_each_foreach_copy_holds_one_dtype(monkeypatch):
+    """CUDA's one-launch copy needs one dtype per list: BatchNorm's int64 counter is copied apart."""
+    calls = []
+    real = torch._foreach_copy_
+
+    def recording(targets, sources):
+        calls.append(({t.dtype for t in targets}, {t.dtype for t in sources}))
+        return real(targets, sources)
+
+    model = bn_net()
+    x, y = batch(8, torch.float32, image=True)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, model=model, lr=0.1)
+    monkeypatch.setattr(torch, "_foreach_copy_", recording)
+    opt.step(_closure(model, x, y))
+    assert calls and all(len(dst) == 1 and dst == src for dst, src in calls)
+    assert {torch.int64} in [dst for dst, _ in calls]  # num_batches_tracked was backed up and restored
+
+
 def test_without_model_the_perturbed_pass_updates_buffers_too():
     model = bn_net()
     x, y = batch(8, torch.float32, image=True)

@@ -152,13 +152,25 @@ def _div(tensors: list[Tensor], scalar: Tensor, differentiable: bool) -> list[Te
         return [t / scalar.to(t.device) for t in tensors]
     devices = {t.device for t in tensors}
     if len(devices) == 1:
-        return torch._foreach_div(tensors, scalar.to(tensors[0].device))
+        return torch._foreach_div(tensors, _operand(scalar, tensors))
     out: list[Tensor] = list(tensors)
     for device in devices:
         idx = [i for i, t in enumerate(tensors) if t.device == device]
-        for i, t in zip(idx, torch._foreach_div([tensors[i] for i in idx], scalar.to(device)), strict=True):
+        picked = [tensors[i] for i in idx]
+        for i, t in zip(idx, torch._foreach_div(picked, _operand(scalar, picked)), strict=True):
             out[i] = t
     return out
+
+
+def _operand(scalar: Tensor, tensors: list[Tensor]) -> Tensor:
+    """The 0-dim ``scalar`` on the tensors' device and, when they are all float32, in float32.
+
+    CUDA's one-launch ``_foreach_div(tensors, scalar)`` needs the scalar in the tensors' dtype (otherwise it falls
+    back to one kernel per tensor); the division casts a float64 scalar to float32 either way, so the result is
+    the same.
+    """
+    dtype = torch.float32 if all(t.dtype == torch.float32 for t in tensors) else scalar.dtype
+    return scalar.to(device=tensors[0].device, dtype=dtype)
 
 
 def _apply_scale(tensors: list[Tensor], scale: Sequence[Tensor | None] | None, inplace: bool = False) -> list[Tensor]:

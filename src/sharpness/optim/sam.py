@@ -449,7 +449,7 @@ class SAM(Optimizer):
                         self._w[param] = torch.empty_like(param, memory_format=torch.preserve_format)
                 self._run.copied, copies = list(params), [self._w[param] for param in params]
                 self._run.copies = copies
-            torch._foreach_copy_(copies, params)
+            _copy(copies, params)
         if self.model is None:
             return
         # Buffers by their slot in the module: a module may replace a buffer tensor instead of updating it in
@@ -465,13 +465,13 @@ class SAM(Optimizer):
         if len(backup) != len(buffers) or any(_layout(b) != _layout(c) for b, c in zip(buffers, backup, strict=True)):
             backup = self._run.buffer_backup = [torch.empty_like(b) for b in buffers]
         if buffers:
-            torch._foreach_copy_(backup, buffers)
+            _copy(backup, buffers)
 
     def _restore(self) -> None:
         if self._run.perturbed:
-            torch._foreach_copy_(self._run.perturbed, self._run.copies)
+            _copy(self._run.perturbed, self._run.copies)
         if self.model is not None and self._run.buffer_backup:
-            torch._foreach_copy_([slots[name] for slots, name in self._run.buffer_slots], self._run.buffer_backup)
+            _copy([slots[name] for slots, name in self._run.buffer_slots], self._run.buffer_backup)
 
     def _end_step(self) -> None:
         self._run.ascents = 0
@@ -628,6 +628,27 @@ class _Ascent:
 
 def _layout(t: Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
     return t.shape, t.dtype, t.device
+
+
+def _copy(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``torch._foreach_copy_(targets, sources)``, one call per (dtype, device).
+
+    CUDA's one-launch copy needs a single dtype in the list; BatchNorm's buffers mix float32 statistics
+    with an int64 ``num_batches_tracked``, which would otherwise cost one kernel per buffer.
+    """
+    if not targets:
+        return
+    kind = (targets[0].dtype, targets[0].device)
+    if all((t.dtype, t.device) == kind for t in targets):
+        torch._foreach_copy_(targets, sources)
+        return
+    groups: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
+    for target, source in zip(targets, sources, strict=True):
+        dst, src = groups.setdefault((target.dtype, target.device), ([], []))
+        dst.append(target)
+        src.append(source)
+    for dst, src in groups.values():
+        torch._foreach_copy_(dst, src)
 
 
 def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
