@@ -24,21 +24,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-gpu-checks}
-WHEELS=${WHEELS:-.whl}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-PYTHON=${PYTHON:-python3}
 DEADLINE=$((SECONDS + ${BUDGET:-540}))
 mkdir -p "$OUT"
 LOG="$OUT/gpu_checks.log"
-export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        "$WHEELS"/*.whl || exit 1
-    export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+source benchmarks/gpu_env.sh
 
 failed=()
 step() {  # step NAME SECONDS COMMAND...: run it with a time limit, output to the screen and the log

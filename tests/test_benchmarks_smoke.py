@@ -151,3 +151,27 @@ def test_provenance_names_the_commit_outside_a_checkout(tmp_path, monkeypatch):
     monkeypatch.delenv(provenance.COMMIT_VARIABLE)
     assert provenance.source_state() == {"commit": None, "modified_src_files": None}
     assert provenance.run_info("x")["benchmark"] == "x"
+
+
+def test_gpu_reduced_run_script_copies_the_results_back_flat(tmp_path):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = {**os.environ, "OUT": str(out), "RUNS": str(runs), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "x")}
+    args = [
+        "demo-digits",
+        "--seeds",
+        "0",
+        "--set",
+        "epochs=2",
+        "--set",
+        "batch_size=64",
+        "--set=model_kwargs={width: 8}",
+    ]
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_reduced_run.sh"), *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    names = {p.name for p in out.iterdir()}
+    runs_back = {f"{m}-seed0.{kind}" for m in ("sam", "sgd") for kind in ("summary.json", "metrics.jsonl")}
+    assert names == {"compare.log", "report.md", "report.png", *runs_back}
+    assert len(names) <= 8  # what a device command can return
+    assert json.loads((out / "sam-seed0.summary.json").read_text())["method"] == "sam"
