@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's GPU measurements in one command, sized for one lent H100/H200 (about 5 minutes there):
+# The project's GPU measurements in one command, sized for one lent H100/H200 (an estimated 5 minutes there;
+# never run on a GPU yet). In order of priority, since a step that finds too little budget left is not run:
 #   1. bench_train.py:   seconds per epoch of the harness, WRN-16-8, CIFAR-10-shaped data, batch 128, cutout,
 #                        bf16, channels-last, SGD and SAM (the target: SAM <= 5 s/epoch), and whether a training
 #                        step synchronises with the host;
@@ -45,7 +46,11 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, output to th
     echo "=== $name ($(date -u +%FT%TZ), limit ${limit}s): $*" | tee -a "$LOG"
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
-    echo "=== $name: exit $rc" | tee -a "$LOG"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "=== $name: TIMED OUT after ${limit}s (exit $rc)" | tee -a "$LOG"
+    else
+        echo "=== $name: exit $rc" | tee -a "$LOG"
+    fi
     [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
@@ -68,8 +73,8 @@ else
     train=(--epochs 3)
     hessian=(--repeats 5)
     hessian_single=(--batches 1 --batch-size 256 --repeats 5)
-    hessian_resnet=(--model resnet20 --repeats 3)
-    sam_step=()
+    hessian_resnet=(--model resnet20 --batches 1 --batch-size 64 --repeats 3)  # the CPU table's setting
+    sam_step=(--rounds 15)
     landscape=(--points 1 4 11 121)
 fi
 

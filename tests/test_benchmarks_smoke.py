@@ -137,19 +137,42 @@ def test_gpu_checks_script_stops_at_its_budget(tmp_path):
     assert "bench_train: not run" in done.stdout and "FAILED: bench_train" in done.stdout
 
 
-def test_provenance_names_the_commit_outside_a_checkout(tmp_path, monkeypatch):
+def _provenance():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import provenance
     finally:
         sys.path.remove(str(BENCHMARKS))
-    here = provenance.source_state()
-    assert here["commit"] and isinstance(here["modified_src_files"], list)
-    monkeypatch.setattr(provenance, "ROOT", tmp_path)  # no .git here: as on the GPU machine
+    return provenance
+
+
+def test_provenance_in_a_checkout_outside_one_and_inside_another(tmp_path, monkeypatch):
+    provenance = _provenance()
+    root = tmp_path / "tree"
+    (root / "src" / "pkg").mkdir(parents=True)
+    (root / "src" / "pkg" / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(provenance, "ROOT", root)
     monkeypatch.setenv(provenance.COMMIT_VARIABLE, "abc1234")
-    assert provenance.source_state() == {"commit": "abc1234", "modified_src_files": None}
+    no_git = provenance.source_state()  # as on the GPU machine: no .git
+    assert no_git["commit"] == "abc1234" and no_git["modified_src_files"] is None and no_git["src_sha256"]
+
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    clean = provenance.source_state()
+    assert clean == {"commit": head, "modified_src_files": [], "src_sha256": no_git["src_sha256"]}
+    (root / "src" / "pkg" / "a.py").write_text("x = 2\n")
+    dirty = provenance.source_state()
+    assert dirty["modified_src_files"] == ["src/pkg/a.py"] and dirty["src_sha256"] != clean["src_sha256"]
+
+    inner = root / "inner"  # a tree inside another repository takes neither its commit nor its status
+    (inner / "src").mkdir(parents=True)
+    (inner / "src" / "b.py").write_text("y = 1\n")
+    monkeypatch.setattr(provenance, "ROOT", inner)
     monkeypatch.delenv(provenance.COMMIT_VARIABLE)
-    assert provenance.source_state() == {"commit": None, "modified_src_files": None}
+    assert provenance.source_state()["commit"] is None
     assert provenance.run_info("x")["benchmark"] == "x"
 
 

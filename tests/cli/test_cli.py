@@ -181,3 +181,16 @@ def test_python_dash_m_runs_the_command():
     assert listed["cifar10_wrn16-8_noise40"] == "reduced" and listed["demo-digits"] == "cpu"
     version = subprocess.run([sys.executable, "-m", "sharpness", "--version"], capture_output=True, text=True)
     assert version.stdout.strip() == f"sharpness {__version__}"
+
+
+def test_compare_reuses_finished_runs_only_of_the_same_config(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "demo-digits", "--seeds", "0", "--out", str(out), *TINY]
+    assert main(args) == 0
+    stamp = (out / "sam-seed0" / "model.pt").stat().st_mtime_ns
+    assert main(args) == 0  # finished: reused, not retrained
+    assert (out / "sam-seed0" / "model.pt").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert main([*args, "--set", "epochs=3"]) == 2  # not silently the 2-epoch runs
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sharpness compare: error: ") and "differs in epochs" in err and "\n" not in err

@@ -159,13 +159,21 @@ def test_milestones_below_one_are_fractions_and_from_one_on_epochs():
     assert _boundaries([2.5]) == [18]  # round(2.5 * 7)
 
 
-def test_bundled_config_by_its_folder_and_file_name():
+def test_bundled_config_by_name_or_folder_and_name(tmp_path, monkeypatch):
     plain = load_config("cifar10_wrn16-8_noise40")
-    assert load_config("reduced/cifar10_wrn16-8_noise40") == plain
-    assert load_config("reduced/cifar10_wrn16-8_noise40.yaml") == plain
-    assert load_config("cifar10_wrn16-8_noise40.yaml") == plain
-    with pytest.raises(ConfigError, match="no bundled config of that name"):
+    assert plain.model == "wrn-16-8" and load_config("reduced/cifar10_wrn16-8_noise40") == plain
+    with pytest.raises(ConfigError, match="did you mean reduced/cifar10_wrn16-8_noise40"):
         load_config("paper/cifar10_wrn16-8_noise40")
+    # Anything else is a file path only: a missing file is never replaced by a bundled config.
+    for missing in ["cifar10_wrn16-8_noise40.yaml", "x/reduced/cifar10_wrn16-8_noise40", str(tmp_path / "reduced/a")]:
+        with pytest.raises(ConfigError, match="no bundled config of that name"):
+            load_config(missing)
+    # Files come first, with or without their .yaml.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reduced").mkdir()
+    (tmp_path / "reduced" / "cifar10_wrn16-8_noise40.yaml").write_text("dataset: digits\nmodel: mlp\nepochs: 7\n")
+    for local in ["reduced/cifar10_wrn16-8_noise40", "reduced/cifar10_wrn16-8_noise40.yaml"]:
+        assert load_config(local).epochs == 7
 
 
 def test_overrides_parse_yaml_values():

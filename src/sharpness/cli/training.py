@@ -98,8 +98,7 @@ def _compare(args: argparse.Namespace) -> int:
             config = _load(args, overrides)
             tag = method + ("-2x" if change else "")
             run_dir = out / f"{tag}-seed{seed}"
-            if (run_dir / ("bootstrap/summary.json" if config.bootstrap else "summary.json")).exists():
-                continue
+            # A finished run is reused and a killed one continued, both only if its config.yaml is this config.
             summary = train(config, run_dir, resume=(run_dir / "config.yaml").exists(), progress=_progress(args))[-1]
             print(f"{tag} seed {seed}: test error {summary['metrics']['test_error']:.2f}%", file=sys.stderr)
     rows = _rows(collect_summaries([out]), args)
@@ -129,14 +128,9 @@ def _select_rho(args: argparse.Namespace) -> int:
             "method=sam",
             f"name={base.name}-select-rho-{rho:g}",
         ]
-        if (run_dir / "summary.json").exists():
-            import json
-
-            summary = json.loads((run_dir / "summary.json").read_text())
-        else:
-            summary = train(
-                _load(args, overrides), run_dir, resume=(run_dir / "config.yaml").exists(), progress=_progress(args)
-            )[0]
+        summary = train(
+            _load(args, overrides), run_dir, resume=(run_dir / "config.yaml").exists(), progress=_progress(args)
+        )[0]
         results.append({"rho": rho, "val_error": summary["metrics"]["val_error"]})
         print(f"rho {rho:g}: validation error {summary['metrics']['val_error']:.2f}%", file=sys.stderr)
     best = min(results, key=lambda r: r["val_error"])

@@ -323,24 +323,36 @@ def bundled_configs() -> dict[str, Path]:
     return {p.stem: Path(str(p)) for p in sorted(Path(str(root)).rglob("*.yaml"), key=lambda p: p.stem)}
 
 
+def _bundled_config(name: str) -> Path:
+    """The bundled config called ``name`` or ``folder/name``; a :class:`ConfigError` with close names if none."""
+    bundled = bundled_configs()
+    qualified = {f"{p.parent.name}/{stem}": p for stem, p in bundled.items()}
+    if name in bundled:
+        return bundled[name]
+    if name in qualified:
+        return qualified[name]
+    candidates = list(qualified) if "/" in name else list(bundled)
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"no config file {name!r} and no bundled config of that name "
+        f"(`sharpness configs` lists the {len(bundled)} bundled ones){hint}"
+    )
+
+
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """A config from a YAML file, or a bundled config by name, with optional ``key=value`` overrides.
 
-    A bundled config may also be named by its place in the package's ``configs/`` folder, as
-    ``sharpness configs`` groups them: ``reduced/cifar10_wrn16-8_noise40`` or ``….yaml``.
+    Files come first: ``name_or_path`` itself, then with ``.yaml`` appended. Otherwise a bundled config is named
+    by its file name without ``.yaml`` (``cifar10_wrn16-8_noise40``), optionally after its folder as
+    ``sharpness configs`` groups them (``reduced/cifar10_wrn16-8_noise40``); anything longer or ending in
+    ``.yaml`` is only ever a file path.
     """
     path = Path(name_or_path)
-    if not path.exists():
-        bundled = bundled_configs()
-        name = path.name.removesuffix(".yaml")
-        if name not in bundled or (path.parent != Path(".") and bundled[name].parent.name != path.parent.name):
-            close = difflib.get_close_matches(name, list(bundled), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(
-                f"no config file {str(name_or_path)!r} and no bundled config of that name "
-                f"(`sharpness configs` lists the {len(bundled)} bundled ones){hint}"
-            )
-        path = bundled[name]
+    if not path.is_file() and Path(f"{path}.yaml").is_file():
+        path = Path(f"{path}.yaml")
+    if not path.is_file():
+        path = _bundled_config(str(name_or_path))
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

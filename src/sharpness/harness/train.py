@@ -321,7 +321,10 @@ class Trainer:
                 if k not in _MAY_CHANGE and saved.get(k, defaults.get(k)) != mine.get(k)
             )
             if diff:
-                raise ValueError(f"--resume: the config differs from the run's config.yaml in {', '.join(diff)}")
+                raise ValueError(
+                    f"{self.run_dir} holds a run of another config (its config.yaml differs in {', '.join(diff)}); "
+                    "continue it with the same config, or choose another --out"
+                )
             return (self.run_dir / "checkpoint.pt").is_file()
         if resume:
             raise FileNotFoundError(f"--resume: {self.run_dir} holds no run (no config.yaml)")
@@ -385,7 +388,8 @@ class Trainer:
                     if self._stop:
                         save_checkpoint(self.run_dir / "checkpoint.pt", self._state(epoch, i + 1, acc))
                         raise Interrupted(
-                            f"SIGTERM: checkpoint saved in epoch {epoch + 1} after step {i + 1}; resume with --resume"
+                            f"SIGTERM: checkpoint saved in epoch {epoch + 1} after step {i + 1}; "
+                            "continue with the same command (train: add --resume)"
                         )
                 start_step = 0
                 if self.device.type == "cuda":
