@@ -448,8 +448,8 @@ class SAM(Optimizer):
                     if copy is None or _layout(copy) != _layout(param):
                         self._w[param] = torch.empty_like(param, memory_format=torch.preserve_format)
                 self._run.copied, copies = list(params), [self._w[param] for param in params]
-                self._run.copies = copies
-            _copy(copies, params)
+                self._run.copies, self._run.copies_mixed = copies, _mixed(copies)
+            _copy(copies, params, self._run.copies_mixed)
         if self.model is None:
             return
         # Buffers by their slot in the module: a module may replace a buffer tensor instead of updating it in
@@ -464,14 +464,16 @@ class SAM(Optimizer):
         backup = self._run.buffer_backup
         if len(backup) != len(buffers) or any(_layout(b) != _layout(c) for b, c in zip(buffers, backup, strict=True)):
             backup = self._run.buffer_backup = [torch.empty_like(b) for b in buffers]
+            self._run.buffer_backup_mixed = _mixed(backup)
         if buffers:
-            _copy(backup, buffers)
+            _copy(backup, buffers, self._run.buffer_backup_mixed)
 
     def _restore(self) -> None:
         if self._run.perturbed:
-            _copy(self._run.perturbed, self._run.copies)
+            _copy(self._run.perturbed, self._run.copies, self._run.copies_mixed)
         if self.model is not None and self._run.buffer_backup:
-            _copy([slots[name] for slots, name in self._run.buffer_slots], self._run.buffer_backup)
+            buffers = [slots[name] for slots, name in self._run.buffer_slots]
+            _copy(buffers, self._run.buffer_backup, self._run.buffer_backup_mixed)
 
     def _end_step(self) -> None:
         self._run.ascents = 0
@@ -589,8 +591,10 @@ class _StepState:
         self.subset_grads: dict[Tensor, Tensor | None] | None = None  # m-sharpness: earlier subsets' gradients
         self.copied: list[Tensor] = []  # the parameters whose copies of w are in ``copies``, in that order
         self.copies: list[Tensor] = []
+        self.copies_mixed = False  # ``copies`` hold several (dtype, device) kinds: see ``_copy``
         self.buffer_slots: list[tuple[dict[str, Tensor], str]] = []  # (module._buffers, name) per buffer
         self.buffer_backup: list[Tensor] = []
+        self.buffer_backup_mixed = False
         self.stepped: set[Tensor] = set()  # parameters the base optimizer has stepped (so has state for)
         self.in_closure = False
         self.create_graph = False
@@ -630,16 +634,19 @@ def _layout(t: Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
     return t.shape, t.dtype, t.device
 
 
-def _copy(targets: list[Tensor], sources: list[Tensor]) -> None:
-    """``torch._foreach_copy_(targets, sources)``, one call per (dtype, device).
+def _mixed(tensors: list[Tensor]) -> bool:
+    """Whether ``tensors`` hold more than one (dtype, device) kind; computed when a list of copies is built."""
+    return len({(t.dtype, t.device) for t in tensors}) > 1
+
+
+def _copy(targets: list[Tensor], sources: list[Tensor], mixed: bool) -> None:
+    """``torch._foreach_copy_(targets, sources)``, one call per (dtype, device) when ``mixed``.
 
     CUDA's one-launch copy needs a single dtype in the list; BatchNorm's buffers mix float32 statistics
-    with an int64 ``num_batches_tracked``, which would otherwise cost one kernel per buffer.
+    with an int64 ``num_batches_tracked``, which would otherwise cost one kernel per buffer. ``mixed`` is
+    cached with the lists, so the common single-kind step loops over no tensor in Python here.
     """
-    if not targets:
-        return
-    kind = (targets[0].dtype, targets[0].device)
-    if all((t.dtype, t.device) == kind for t in targets):
+    if not mixed:
         torch._foreach_copy_(targets, sources)
         return
     groups: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
