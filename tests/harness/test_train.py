@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sharpness.cli.main import main
-from sharpness.harness import train as train_module
+from sharpness.harness import rundir as rundir_module
 from sharpness.harness.config import load_config
 from sharpness.harness.train import Interrupted, RunDirExists, Trainer, train
 
@@ -248,13 +248,13 @@ def test_a_failed_start_leaves_nothing_and_the_fixed_command_runs_in_the_same_di
 
 def test_config_and_model_are_written_atomically(tmp_path, monkeypatch):
     written = []
-    atomic = train_module.atomic_write_bytes
+    atomic = rundir_module.atomic_write_bytes
 
     def recording(path, write):
         written.append(Path(path).name)
         return atomic(path, write)
 
-    monkeypatch.setattr(train_module, "atomic_write_bytes", recording)
+    monkeypatch.setattr(rundir_module, "atomic_write_bytes", recording)
     train(load_config("demo-digits", [*FAST, "epochs=1", "label_noise=0.4", "bootstrap=true"]), tmp_path / "run")
     assert written == ["config.yaml", "model.pt", "train_labels.npy", "config.yaml", "model.pt"]
 

@@ -16,7 +16,6 @@ every step was skipped stops the run. The counters stay on the device and are re
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import sys
@@ -27,29 +26,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sharpness import SAM
 from sharpness.harness.augment import build_augmentation
 from sharpness.harness.build import build_optimizer, build_schedule, method_label, resolve_device
-from sharpness.harness.checkpoint import append_jsonl, atomic_write_bytes, load_checkpoint, save_checkpoint, write_json
 from sharpness.harness.config import TrainConfig
 from sharpness.harness.loader import DeviceData
 from sharpness.harness.models import build_model
 from sharpness.harness.prepare import PreparedData, prepare_data
+from sharpness.harness.rundir import RunDir, RunDirExists
 from sharpness.harness.seeds import epoch_seed
 
 __all__ = ["RunDirExists", "TrainingDiverged", "Interrupted", "PreparedData", "prepare_data", "train", "Trainer"]
-
-
-# Keys a resumed run may change: where the data and the computation are, not what is computed.
-_MAY_CHANGE = frozenset({"device", "data_dir", "cudnn_benchmark"})
-
-
-class RunDirExists(FileExistsError):
-    """The run directory already holds a run and neither resuming nor a new directory was asked for."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,6 +71,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        self.files = RunDir(self.run_dir)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.device = resolve_device(config.device)
         self.method = method_label(config) + method_suffix
@@ -309,66 +300,19 @@ class Trainer:
         acc = {k: v.to(self.device) for k, v in state["accumulators"].items()}
         return state["epoch"], state["step_in_epoch"], acc
 
-    def _check_run_dir(self, resume: bool) -> bool:
-        """Check the run directory, writing nothing; True when there is a checkpoint to continue from."""
-        config_path = self.run_dir / "config.yaml"
-        if resume and config_path.is_file():
-            saved = yaml.safe_load(config_path.read_text())
-            mine, defaults = self.config.to_dict(), TrainConfig().to_dict()  # keys added since the run started
-            diff = sorted(
-                k
-                for k in saved.keys() | mine.keys()
-                if k not in _MAY_CHANGE and saved.get(k, defaults.get(k)) != mine.get(k)
-            )
-            if diff:
-                raise ValueError(
-                    f"{self.run_dir} holds a run of another config (its config.yaml differs in {', '.join(diff)}); "
-                    "continue it with the same config, or choose another --out"
-                )
-            return (self.run_dir / "checkpoint.pt").is_file()
-        if resume:
-            raise FileNotFoundError(f"--resume: {self.run_dir} holds no run (no config.yaml)")
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise RunDirExists(
-                f"run directory {self.run_dir} is not empty; pass --resume to continue it, or choose another --out"
-            )
-        return False
-
-    def _open_run_dir(self) -> None:
-        """Write what a run starts from: ``config.yaml`` and a bootstrap run's ``train_labels.npy``, atomically."""
-        config_path = self.run_dir / "config.yaml"
-        if config_path.is_file():  # resumed, but killed before its first checkpoint
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self._train_labels_override is not None:
-            labels = self._train_labels_override
-            atomic_write_bytes(self.run_dir / "train_labels.npy", lambda f: np.save(f, labels))
-        text = yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode()
-        atomic_write_bytes(config_path, lambda f: f.write(text))  # last: its presence marks a started run
-
-    def _truncate_metrics(self, last_epoch: int) -> None:
-        """Drop metric lines of epochs the checkpoint does not cover (a kill between the two writes)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch]
-        path.write_text("".join(line + "\n" for line in kept))
-
     # ------------------------------------------------------------------ the run
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Train to the end (or until SIGTERM, which raises :class:`Interrupted` after saving)."""
         cfg = self.config
-        from_checkpoint = self._check_run_dir(resume)
+        from_checkpoint = self.files.check(cfg, resume)
         self._setup()
         zero = self.zero_accumulators()
         start_epoch, start_step, acc = 0, 0, {k: v.clone() for k, v in zero.items()}
         if from_checkpoint:
-            start_epoch, start_step, acc = self._load_state(load_checkpoint(self.run_dir / "checkpoint.pt"))
-            self._truncate_metrics(start_epoch)
+            start_epoch, start_step, acc = self._load_state(self.files.load_checkpoint())
+            self.files.truncate_metrics(start_epoch)
         else:
-            self._open_run_dir()
+            self.files.open(cfg, self._train_labels_override)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         benchmark = torch.backends.cudnn.benchmark
         if self.device.type == "cuda":
@@ -386,7 +330,7 @@ class Trainer:
                 ):
                     self._step(images, labels, acc)
                     if self._stop:
-                        save_checkpoint(self.run_dir / "checkpoint.pt", self._state(epoch, i + 1, acc))
+                        self.files.save_checkpoint(self._state(epoch, i + 1, acc))
                         raise Interrupted(
                             f"SIGTERM: checkpoint saved in epoch {epoch + 1} after step {i + 1}; "
                             "continue with the same command (train: add --resume)"
@@ -397,7 +341,7 @@ class Trainer:
                 record = self._end_epoch(epoch, acc, time.perf_counter() - epoch_start)
                 epochs.set_postfix(train_loss=f"{record['train_loss']:.3f}", test_error=f"{record['test_error']:.2f}")
                 acc = {k: v.clone() for k, v in zero.items()}
-                save_checkpoint(self.run_dir / "checkpoint.pt", self._state(epoch + 1, 0, acc))
+                self.files.save_checkpoint(self._state(epoch + 1, 0, acc))
         finally:
             torch.backends.cudnn.benchmark = benchmark
             if previous is not None:
@@ -452,11 +396,11 @@ class Trainer:
         for split, data in self.eval_sets.items():
             evaluation = self.evaluate(data)
             record[f"{split}_loss"], record[f"{split}_error"] = evaluation["loss"], evaluation["error"]
-        append_jsonl(self.run_dir / "metrics.jsonl", record)
+        self.files.append_metrics(record)
         return record
 
     def _finish(self, seconds: float) -> dict[str, Any]:
-        lines = [json.loads(x) for x in (self.run_dir / "metrics.jsonl").read_text().splitlines() if x]
+        lines = self.files.metrics()
         last = lines[-1]
         metrics: dict[str, Any] = {}
         for split in self.eval_sets:
@@ -479,15 +423,7 @@ class Trainer:
             + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""),
             "config": self.config.to_dict(),
         }
-        state = self.model.state_dict()
-        atomic_write_bytes(self.run_dir / "model.pt", lambda f: torch.save(state, f))
-        write_json(self.run_dir / "summary.json", summary)
-        try:
-            from sharpness.harness.report import plot_curves
-
-            plot_curves(self.run_dir)
-        except Exception as exc:  # a plot must never lose a finished run
-            print(f"warning: could not plot curves for {self.run_dir}: {exc}", file=sys.stderr)
+        self.files.finish(summary, self.model.state_dict())
         return summary
 
     def _noisy_labels_fitted(self) -> float | None:
@@ -519,7 +455,7 @@ def train(
     """
     run_dir = Path(run_dir)
     first = Trainer(config, run_dir, progress=progress)
-    summaries = [_finished(first, resume) or first.run(resume=resume)]
+    summaries = [first.files.finished_summary(config, resume) or first.run(resume=resume)]
     if not config.bootstrap:
         return summaries
     bootstrap_dir = run_dir / "bootstrap"
@@ -533,14 +469,5 @@ def train(
         labels = first.predict_train_labels()
     second = Trainer(config, bootstrap_dir, progress=progress, train_labels=labels, method_suffix="+bootstrap")
     resume_second = resume and (bootstrap_dir / "config.yaml").is_file()
-    summaries.append(_finished(second, resume_second) or second.run(resume=resume_second))
+    summaries.append(second.files.finished_summary(config, resume_second) or second.run(resume=resume_second))
     return summaries
-
-
-def _finished(trainer: Trainer, resume: bool) -> dict[str, Any] | None:
-    """The summary of a finished run being resumed (after checking its config), else None."""
-    summary = trainer.run_dir / "summary.json"
-    if not (resume and summary.is_file()):
-        return None
-    trainer._check_run_dir(resume=True)
-    return json.loads(summary.read_text())
