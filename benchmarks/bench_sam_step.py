@@ -257,7 +257,7 @@ class Runner:
         if self.variant in ("sgd", "2pass"):
             return 0
         if isinstance(self.opt, SAM):  # its copies of w and its buffer backup (private; opt.state is the base's)
-            kept = [*self.opt._w.values(), *self.opt._run.buffer_backup]
+            kept = [*self.opt._w.copies, *self.opt._run.buffer_backup]
         else:  # the davda54 class keeps old_p in its own state, the base optimizer's momentum elsewhere
             kept = [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)]
         return sum(t.numel() * t.element_size() for t in kept)

@@ -4,7 +4,40 @@ The core library (:mod:`sharpness.optim`, :mod:`sharpness.analysis`) depends on 
 the experiment harness (:mod:`sharpness.harness`) and the CLI (:mod:`sharpness.cli`) build on it.
 """
 
-from sharpness.optim import SAM, adaptive_scale, dual_exponent, global_norm, perturbation
+from sharpness.optim import (
+    AESAM,
+    ESAM,
+    GSAM,
+    MSAM,
+    SAM,
+    FriendlySAM,
+    IntervalSAM,
+    LookSAM,
+    RandomDirectionSAM,
+    StochasticSAM,
+    VaSSO,
+    adaptive_scale,
+    dual_exponent,
+    global_norm,
+    perturbation,
+)
 
 __version__ = "0.1.0"
-__all__ = ["SAM", "adaptive_scale", "dual_exponent", "global_norm", "perturbation", "__version__"]
+__all__ = [
+    "SAM",
+    "GSAM",
+    "LookSAM",
+    "MSAM",
+    "ESAM",
+    "FriendlySAM",
+    "VaSSO",
+    "RandomDirectionSAM",
+    "IntervalSAM",
+    "StochasticSAM",
+    "AESAM",
+    "adaptive_scale",
+    "dual_exponent",
+    "global_norm",
+    "perturbation",
+    "__version__",
+]

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from sharpness.optim._tensors import Copies, ParamState, all_reduce_mean_, by_device, copy_, layout, mixed
 from sharpness.optim._validation import check_p, check_positive, check_positive_int, check_rho
 from sharpness.optim.perturbation import adaptive_scale, global_norm, perturbation
 
@@ -56,7 +57,7 @@ class SAM(Optimizer):
             as in the ASAM paper.
         model: if given, every buffer of the model (BatchNorm running statistics, ``num_batches_tracked``, ...)
             ends the step exactly as the clean pass left it: the perturbed pass has no side effects. Pass it for
-            any model with buffers.
+            any model with buffers. (Variants whose only pass is at the perturbed point, MSAM, keep its.)
         ascent_steps: number :math:`k` of inner ascent steps (default 1, the paper's SAM).
         second_order: add the second-order term (closure form only; the closure must call
             ``loss.backward(create_graph=opt.create_graph)``).
@@ -65,6 +66,9 @@ class SAM(Optimizer):
             not finite. Fused base optimizers (``fused=True``) skip on the device once every parameter has had
             one base step; before that, and always with other base optimizers, SAM reads the flag on the host
             once per step.
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop, for the variants whose first step reads the
+            size of the clean gradient (FriendlySAM, VaSSO, AESAM); SAM itself needs none (eq. 2 is invariant to
+            the loss scale).
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example::
@@ -80,6 +84,10 @@ class SAM(Optimizer):
 
     The two-pass form for custom loops is ``first_step()``, a second forward/backward, ``second_step()``
     (or a plain ``step()``, as trainers and ``GradScaler.step`` call it).
+
+    The variants (:mod:`sharpness.optim`) subclass SAM and change one of three things: *where* it perturbs
+    (:meth:`_direction`), *when* a step runs the ascent (:meth:`_ascends`), and *how* the final gradient is
+    formed (:meth:`_final_gradient`); everything above holds for each of them.
     """
 
     _step_supports_amp_scaling = True  # GradScaler.step calls our step(), which unscales and skips itself.
@@ -99,6 +107,7 @@ class SAM(Optimizer):
         second_order: bool = False,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = True,
+        grad_scaler: torch.amp.GradScaler | None = None,
         **base_kwargs: Any,
     ) -> None:
         check_rho(rho)
@@ -107,6 +116,8 @@ class SAM(Optimizer):
         self.ascent_steps = check_positive_int(ascent_steps, "ascent_steps")
         if second_order and ascent_steps != 1:
             raise ValueError("second_order=True supports ascent_steps=1 only")
+        if not self._supports_subsets and (ascent_steps != 1 or second_order):
+            raise ValueError(f"{type(self).__name__} has no ascent_steps or second_order options (SAM has)")
         if max_grad_norm is not None:
             check_positive(max_grad_norm, "max_grad_norm")
         if adaptive_weights_only and model is None:
@@ -124,6 +135,7 @@ class SAM(Optimizer):
         self.second_order = bool(second_order)
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.grad_scaler = grad_scaler
         self.model = model
         self.adaptive_weights_only = bool(adaptive_weights_only)
         self._sam_defaults = {"sam_rho": float(rho), "sam_adaptive": bool(adaptive), "sam_eta": float(eta)}
@@ -138,7 +150,10 @@ class SAM(Optimizer):
         self.defaults = {**base_optimizer.defaults, **self._sam_defaults}  # OneCycleLR looks for 'momentum' here
 
         self._names = {param: name for name, param in model.named_parameters()} if model is not None else {}
-        self._w: dict[Tensor, Tensor] = {}  # SAM's copy of w per perturbed parameter, reused across steps
+        self._w = Copies()  # SAM's copy of w per perturbed parameter, reused across steps
+        self._clean = Copies()  # the clean pass's gradients, for variants whose final gradient uses them
+        self._steps = 0  # steps finished (taken or skipped); the schedules of the variants count them
+        self._param_states: dict[str, ParamState] = {}  # the variants' per-parameter state, by name
         # Mutated in place, never reassigned: wrappers that forward attribute reads to this optimizer (Lightning's
         # LightningOptimizer) then still share one step in progress.
         self._run = _StepState()
@@ -225,17 +240,114 @@ class SAM(Optimizer):
             param_group.setdefault(key, value)
         self.base_optimizer.add_param_group(param_group)
 
+    # ------------------------------------------------------------------ what the variants change
+    #: The perturbation needs no gradient of this step (MSAM's momentum, a random direction): ``first_step()`` is
+    #: called before the step's only pass, and the closure form runs one pass per step.
+    perturbs_before_pass: bool = False
+    #: The final gradient of a step that ascends is formed from the clean pass's gradient too (GSAM, LookSAM):
+    #: SAM keeps a copy of it.
+    _keeps_clean_gradient: bool = False
+    #: The direction or the schedule reads the clean gradient's size, so under fp16 it must be unscaled first.
+    _reads_gradient_scale: bool = False
+    #: m-sharpness (:meth:`next_subset`), ``ascent_steps`` and ``second_order`` are SAM's alone.
+    _supports_subsets: bool = True
+
+    @property
+    def next_step_ascends(self) -> bool | None:
+        """Whether the next step runs the ascent pass, known before its first pass (None: decided by its gradient).
+
+        Data-parallel loops run the clean pass under ``no_sync()`` only on steps that ascend: on the others the
+        clean pass is the step's only pass, and its gradient must be averaged like any optimizer's.
+        """
+        return True
+
+    def _ascends(self, grads: list[Tensor]) -> bool:
+        """When: whether this step runs the ascent, given the clean pass's gradients (scaled under fp16)."""
+        return True
+
+    def _direction(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """Where: the vector that eq. 2 normalises into the perturbation of ``params``; SAM's is the gradient."""
+        return grads
+
+    def _final_gradient(self, params: list[Tensor], clean: list[Tensor] | None, ascended: bool) -> None:
+        """How: turn ``.grad`` of ``params`` into the gradient the base optimizer applies, in place.
+
+        ``.grad`` is unscaled here: the perturbed pass's gradient, or on a step that did not ascend the clean
+        one. ``clean`` holds the clean gradients (unscaled, in the order of ``params``) when the variant keeps
+        them. SAM applies the perturbed gradient as it is.
+        """
+
+    def _commit(self, skipped: Tensor | bool) -> None:
+        """Make the state this step computed (an EMA, a stored direction) current unless ``skipped``.
+
+        ``skipped`` is a host bool, or a device flag when the base step was skipped on the device.
+        """
+
+    def _drop(self) -> None:
+        """Forget the state this step computed (the step was aborted)."""
+
+    def _param_state(self, name: str) -> ParamState:
+        """A variant's per-parameter state (an EMA, a stored direction): each step proposes it, SAM commits it
+        unless the step was skipped, forgets it when the step is aborted, and saves it under ``name``."""
+        state = self._param_states[name] = ParamState()
+        return state
+
+    def _extra_state(self) -> dict[str, Any]:
+        """A variant's state other than :meth:`_param_state`'s, for :meth:`state_dict`."""
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def _unscaled(self, tensors: list[Tensor]) -> list[Tensor]:
+        """``tensors`` divided by ``grad_scaler``'s current scale (as they are without one), out of place."""
+        scaler = self.grad_scaler
+        scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+        if scale is None or not tensors:
+            return tensors
+        inv = scale.double().reciprocal().float()
+        out = list(tensors)
+        for device, group in by_device(tensors).items():
+            idx = [i for i, t in enumerate(tensors) if t.device == device]
+            for i, t in zip(idx, torch._foreach_mul(group, inv.to(device)), strict=True):
+                out[i] = t
+        return out
+
+    def _average_over_replicas(self, tensors: list[Tensor]) -> list[Tensor]:
+        """``tensors`` (SAM's own copies) averaged in place over the data-parallel processes; as they are on one.
+
+        Variants whose final gradient mixes in the clean gradient call it: under the per-replica scheme the clean
+        pass runs under ``no_sync()``, and every replica must apply the same gradient.
+        """
+        import torch.distributed as dist
+
+        if tensors and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            all_reduce_mean_(tensors)
+        return tensors
+
+    def _param_index(self) -> dict[Tensor, int]:
+        """Each parameter's position across the groups, by which state dicts name parameters."""
+        return {param: i for i, param in enumerate(p for group in self.param_groups for p in group["params"])}
+
     # ------------------------------------------------------------------ the two passes
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = True) -> None:
+    def first_step(self, zero_grad: bool = True) -> bool:
         r"""Move from :math:`w` to :math:`w + \hat\epsilon(w)` using the gradients now in ``.grad``.
 
         Call it after the clean pass's backward. With ``ascent_steps = k > 1`` call it (with a backward at
         the current point in between) up to ``k`` times, each a step of radius :math:`\rho/k`. It clears the
         gradients afterwards unless ``zero_grad=False``: the next backward must not add to them.
+
+        Returns whether it perturbed: a variant that skips the ascent on some steps (LookSAM, IntervalSAM, ...)
+        returns False on those and leaves the clean gradient in ``.grad``; then finish with :meth:`step` at once,
+        with no second pass. Variants with :attr:`perturbs_before_pass` (MSAM) take it before the step's only pass.
         """
+        if self.perturbs_before_pass:
+            return self._perturb_before_pass()
         if self.second_order and not self._run.in_closure:
             raise RuntimeError("second_order=True needs the closure form, opt.step(closure)")
+        if self._run.one_pass:
+            raise RuntimeError("first_step() called again on a step that does not ascend; finish it with step()")
         if self._run.ascents >= self.ascent_steps:
             raise RuntimeError(
                 f"first_step() called {self._run.ascents + 1} times without second_step() "
@@ -245,18 +357,24 @@ class SAM(Optimizer):
         if self._run.subset_grads is not None and last_ascent and not zero_grad:
             raise ValueError("after next_subset(), first_step() must clear the gradients (zero_grad=True)")
         ascent = self._ascent(restrict_to=self._run.perturbed if self._run.ascents else None)
+        grads = [param.grad for param in ascent.params]
         if self._run.ascents == 0:
+            if self._keeps_clean_gradient and self.next_step_ascends is not False:
+                with_grad = self._with_grad()
+                self._clean.save(with_grad, [param.grad for param in with_grad])
+                self._run.kept_clean = True
+            if not self._ascends(grads):
+                self._run.one_pass = True
+                return False
             self._run.perturbed = ascent.params
             self._save(ascent.params)
+            if ascent.params:
+                grads = self._direction(ascent.params, grads)
         if ascent.params:
             scales = None
             if ascent.any_scaled:  # ASAM scales by w, not by w + eps
-                scales = ascent.scales([self._w[param] for param in ascent.params])
-            eps, dual_norm = perturbation([param.grad for param in ascent.params], ascent.rho(), self.p, scales)
-            torch._foreach_add_(ascent.params, eps)
-            nonfinite = ~torch.isfinite(dual_norm)
-            previous = self._run.first_nonfinite
-            self._run.first_nonfinite = nonfinite if previous is None else previous | nonfinite
+                scales = ascent.scales([self._w.of(param) for param in ascent.params])
+            self._perturb(ascent, grads, scales)
         self._run.ascents += 1
         if self._run.subset_grads is not None and last_ascent:
             # m-sharpness: the perturbed backward adds this subset's gradient to the earlier subsets' sum
@@ -265,6 +383,30 @@ class SAM(Optimizer):
             self._run.subset_grads = None
         elif zero_grad:
             self.zero_grad()
+        return True
+
+    def _perturb(self, ascent: _Ascent, direction: list[Tensor], scales: list[Tensor | None] | None) -> None:
+        r""":math:`w \leftarrow w + \rho\, d / \|d\|` (eq. 2 for the direction ``d``), noting a non-finite ``d``."""
+        eps, dual_norm = perturbation(direction, ascent.rho(), self.p, scales)
+        torch._foreach_add_(ascent.params, eps)
+        nonfinite = ~torch.isfinite(dual_norm)
+        previous = self._run.first_nonfinite
+        self._run.first_nonfinite = nonfinite if previous is None else previous | nonfinite
+
+    def _perturb_before_pass(self) -> bool:
+        """``first_step()`` of the variants that perturb from their state, before the step's only pass."""
+        if self._pending():
+            raise RuntimeError("first_step() called twice; run the pass and finish the step with step()")
+        ascent = self._ascent(with_grad=False)
+        self._run.ascents = 1
+        self._run.perturbed = ascent.params
+        self._save(ascent.params, buffers=False)  # the step's only pass is the one whose statistics count
+        direction = self._direction(ascent.params, []) if ascent.params else []
+        # A zero direction (MSAM's first step, before any momentum) leaves w where it is.
+        if ascent.params:
+            scales = ascent.scales(ascent.params) if ascent.any_scaled else None
+            self._perturb(ascent, direction, scales)
+        return True
 
     @torch.no_grad()
     def next_subset(self) -> None:
@@ -289,12 +431,15 @@ class SAM(Optimizer):
             )
         if self.second_order:
             raise RuntimeError("next_subset() does not support second_order=True")
+        if not self._supports_subsets:
+            raise RuntimeError(f"next_subset() (m-sharpness) is defined for SAM, not for {type(self).__name__}")
         self._restore()
         self._run.subset_grads = {p: p.grad for group in self.param_groups for p in group["params"]}
         for param in self._run.subset_grads:
             param.grad = None
         self._run.ascents = 0
         self._run.perturbed = []
+        self._run.saved = False
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -304,7 +449,7 @@ class SAM(Optimizer):
         learning-rate schedulers see one optimizer step. Under ``GradScaler`` call ``scaler.step(opt)`` instead:
         it calls :meth:`step`, which unscales the gradients and skips on inf/NaN.
         """
-        if self._run.ascents == 0:
+        if self._run.ascents == 0 and not self._run.one_pass:
             raise RuntimeError(
                 "second_step() called without first_step()"
                 + (" (after next_subset(), run the next subset's passes first)" if self._pending() else "")
@@ -321,6 +466,9 @@ class SAM(Optimizer):
         """
         if self._run.ascents:
             self._restore()
+        for state in self._param_states.values():
+            state.drop()
+        self._drop()
         self._end_step()
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -336,10 +484,10 @@ class SAM(Optimizer):
         """
         try:
             if closure is None:
-                if self._run.ascents == 0:
+                if self._run.ascents == 0 and not self._run.one_pass:
                     raise RuntimeError(
-                        "SAM.step() needs a closure (forward + backward, returning the loss), or must follow "
-                        "first_step() and the perturbed pass's backward"
+                        f"{type(self).__name__}.step() needs a closure (forward + backward, returning the loss), "
+                        "or must follow first_step() and the perturbed pass's backward"
                     )
                 self._finish_step()
                 return None
@@ -356,15 +504,25 @@ class SAM(Optimizer):
         if getattr(self, "found_inf", None) is not None:
             raise RuntimeError("GradScaler.step(opt, closure) is not supported: use the two-pass form under GradScaler")
         closure = torch.enable_grad()(closure)
+        if self.perturbs_before_pass:
+            self.first_step()
+            try:
+                loss = closure()
+            except BaseException:
+                self.abort_step()
+                raise
+            self._check_closure_gradients()
+            self._finish_step()
+            return loss
         loss = closure()
-        if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
-            raise RuntimeError("the closure produced no gradients: it must call loss.backward()")
+        self._check_closure_gradients()
         self._run.in_closure = True
         try:
             for _ in range(self.ascent_steps):
-                self.first_step(zero_grad=True)
+                if not self.first_step(zero_grad=True):
+                    break
                 closure()
-            if self.second_order:
+            if self.second_order and self._run.ascents:
                 self._add_second_order_term(closure)
         except BaseException:
             self.abort_step()
@@ -373,6 +531,11 @@ class SAM(Optimizer):
             self._run.in_closure = False
         self._finish_step()
         return loss
+
+    def _check_closure_gradients(self) -> None:
+        if not self._with_grad():
+            self.abort_step()
+            raise RuntimeError("the closure produced no gradients: it must call loss.backward()")
 
     @torch.no_grad()
     def _finish_step(self) -> None:
@@ -384,16 +547,26 @@ class SAM(Optimizer):
             self._end_step()
 
     def _base_update(self) -> None:
-        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        with_grad = self._with_grad()
         grads = [p.grad for p in with_grad]
         # Set by GradScaler.step because of _step_supports_amp_scaling; grad_scale is None if already unscaled.
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None:
             found_inf = torch.as_tensor(found_inf)  # GradScaler passes a plain 0 when no gradient was checked
+        if grad_scale is not None and self._reads_gradient_scale and self.grad_scaler is None:
+            raise RuntimeError(
+                f"{type(self).__name__} under GradScaler needs grad_scaler=scaler: its first step reads the size "
+                "of the clean gradient, which the scaler's scale changes"
+            )
+        clean = self._clean.copies if self._run.kept_clean else None
+        if clean is not None and self._clean.keys != with_grad:
+            raise RuntimeError("the parameters with gradients changed between the clean and the perturbed pass")
         if grad_scale is not None and grads:
             inv_scale = grad_scale.double().reciprocal().float()
-            for device, group in _by_device(grads).items():
+            for device, group in by_device(grads + (clean or [])).items():
                 torch._foreach_mul_(group, inv_scale.to(device))
+        if grads:
+            self._final_gradient(with_grad, clean, ascended=not self._run.one_pass)
         total_norm = None
         if grads and self.max_grad_norm is not None:
             total_norm = torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm, foreach=True)
@@ -409,26 +582,40 @@ class SAM(Optimizer):
                 flags.append(~torch.isfinite(global_norm(grads, 1.0, dtype=torch.float32)))
             if flags:
                 skip = torch.stack([f.to(flags[0].device) for f in flags]).any()
-        self._base_step(skip, with_grad)
+        skipped = self._base_step(skip, with_grad)
+        for state in self._param_states.values():
+            state.commit(skipped)
+        self._commit(skipped)
+        self._steps += 1
 
     # ------------------------------------------------------------------ internals
     def _pending(self) -> bool:
-        """Whether a step is in progress (w perturbed, or subsets' gradients waiting)."""
-        return self._run.ascents > 0 or self._run.subset_grads is not None
+        """Whether a step is in progress (w perturbed, a one-pass step begun, or subsets' gradients waiting)."""
+        return self._run.ascents > 0 or self._run.one_pass or self._run.subset_grads is not None
 
-    def _ascent(self, restrict_to: list[Tensor] | None = None) -> _Ascent:
-        """The parameters to perturb (groups with ``rho > 0``, with a gradient) and their options."""
+    def _with_grad(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def _radius(self, group: dict[str, Any]) -> float:
+        """The radius of a group this step (GSAM schedules it)."""
+        return self._option(group, "sam_rho")
+
+    def _ascent(self, restrict_to: list[Tensor] | None = None, with_grad: bool = True) -> _Ascent:
+        """The parameters to perturb (groups with ``rho > 0``; with a gradient, unless ``with_grad`` is False)
+        and their options."""
         allowed = None if restrict_to is None else set(restrict_to)
         ascent = _Ascent()
         for group in self.param_groups:
-            rho = self._option(group, "sam_rho")
+            rho = self._radius(group)
             if rho == 0:
                 continue
             adaptive, eta = self._option(group, "sam_adaptive"), self._option(group, "sam_eta")
             for param in group["params"]:
-                if param.grad is None or (allowed is not None and param not in allowed):
+                if with_grad and param.grad is None or (allowed is not None and param not in allowed):
                     continue
-                if param.grad.is_sparse:
+                if not param.requires_grad:
+                    continue
+                if param.grad is not None and param.grad.is_sparse:
                     raise RuntimeError("SAM does not support sparse gradients")
                 ascent.params.append(param)
                 ascent.radii.append(rho / self.ascent_steps)
@@ -436,21 +623,14 @@ class SAM(Optimizer):
                 ascent.etas.append(eta if scaled else None)
         return ascent
 
-    def _save(self, params: list[Tensor]) -> None:
-        """Copy :math:`w` and the model's buffers, reusing the copies of earlier steps."""
+    def _save(self, params: list[Tensor], buffers: bool = True) -> None:
+        """Copy :math:`w` and (unless ``buffers`` is False) the model's buffers, reusing the copies of earlier
+        steps."""
+        self._run.saved = True
+        self._run.buffers_saved = buffers and self.model is not None
         if params:
-            copies = self._run.copies
-            if len(copies) != len(params) or any(
-                a is not b or _layout(a) != _layout(c) for a, b, c in zip(params, self._run.copied, copies, strict=True)
-            ):
-                for param in params:
-                    copy = self._w.get(param)
-                    if copy is None or _layout(copy) != _layout(param):
-                        self._w[param] = torch.empty_like(param, memory_format=torch.preserve_format)
-                self._run.copied, copies = list(params), [self._w[param] for param in params]
-                self._run.copies, self._run.copies_mixed = copies, _mixed(copies)
-            _copy(copies, params, self._run.copies_mixed)
-        if self.model is None:
+            self._w.save(params, params)
+        if not self._run.buffers_saved:
             return
         # Buffers by their slot in the module: a module may replace a buffer tensor instead of updating it in
         # place (``self.count = self.count + 1``); the restore writes into whatever tensor holds the slot then.
@@ -462,32 +642,38 @@ class SAM(Optimizer):
         ]
         buffers = [slots[name] for slots, name in self._run.buffer_slots]
         backup = self._run.buffer_backup
-        if len(backup) != len(buffers) or any(_layout(b) != _layout(c) for b, c in zip(buffers, backup, strict=True)):
+        if len(backup) != len(buffers) or any(layout(b) != layout(c) for b, c in zip(buffers, backup, strict=True)):
             backup = self._run.buffer_backup = [torch.empty_like(b) for b in buffers]
-            self._run.buffer_backup_mixed = _mixed(backup)
+            self._run.buffer_backup_mixed = mixed(backup)
         if buffers:
-            _copy(backup, buffers, self._run.buffer_backup_mixed)
+            copy_(backup, buffers, self._run.buffer_backup_mixed)
 
     def _restore(self) -> None:
+        if not self._run.saved:  # a step that did not ascend: w and the buffers are the clean pass's
+            return
         if self._run.perturbed:
-            _copy(self._run.perturbed, self._run.copies, self._run.copies_mixed)
-        if self.model is not None and self._run.buffer_backup:
+            self._w.restore(self._run.perturbed)
+        if self._run.buffers_saved and self._run.buffer_backup:
             buffers = [slots[name] for slots, name in self._run.buffer_slots]
-            _copy(buffers, self._run.buffer_backup, self._run.buffer_backup_mixed)
+            copy_(buffers, self._run.buffer_backup, self._run.buffer_backup_mixed)
 
     def _end_step(self) -> None:
+        self._run.saved = False
         self._run.ascents = 0
+        self._run.one_pass = False
+        self._run.kept_clean = False
         self._run.perturbed = []
         self._run.first_nonfinite = None
         self._run.subset_grads = None
 
-    def _base_step(self, skip: Tensor | None, with_grad: list[Tensor]) -> None:
-        """Run the base optimizer's step unless ``skip`` (a device flag) is set."""
+    def _base_step(self, skip: Tensor | None, with_grad: list[Tensor]) -> Tensor | bool:
+        """Run the base optimizer's step unless ``skip`` (a device flag) is set; return whether it was skipped
+        (a host bool, or the device flag when the base optimizer skipped on the device)."""
         base = self.base_optimizer
         self._run.last_skipped = skip
         if skip is None:
             base.step()
-            return
+            return False
         self._run.skipped_steps = self._run.skipped_steps.to(skip.device) + skip.to(torch.int64)
         # Fused kernels skip on the device. Until every parameter has had a base step, read the flag on the host
         # instead: torch's fused SGD allocates its momentum with empty_like on a parameter's first step and keeps
@@ -500,9 +686,12 @@ class SAM(Optimizer):
                 base.step()
             finally:
                 del base.grad_scale, base.found_inf  # type: ignore[attr-defined]
-        elif not bool(skip):  # one host read per step
-            base.step()
-            stepped.update(with_grad)
+            return skip
+        if bool(skip):  # one host read per step
+            return True
+        base.step()
+        stepped.update(with_grad)
+        return False
 
     def _add_second_order_term(self, closure: Callable[[], Tensor]) -> None:
         r"""Replace ``.grad`` (:math:`v = \nabla L(w + \hat\epsilon)`) by :math:`v + (d\hat\epsilon/dw)^\top v`.
@@ -546,10 +735,12 @@ class SAM(Optimizer):
         """The base optimizer's full state (momenta, moments, groups with SAM's options) and SAM's counters."""
         if self._pending():
             raise RuntimeError("state_dict() between first_step() and second_step(): w is perturbed")
-        return {
-            "base_optimizer": self.base_optimizer.state_dict(),
-            "sam": {"skipped_steps": self.skipped_steps.detach().clone()},
-        }
+        sam: dict[str, Any] = {"skipped_steps": self.skipped_steps.detach().clone(), "steps": self._steps}
+        index = self._param_index()
+        extra = {**{name: st.state_dict(index) for name, st in self._param_states.items()}, **self._extra_state()}
+        if extra:
+            sam["variant"] = extra
+        return {"base_optimizer": self.base_optimizer.state_dict(), "sam": sam}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict`'s output, or a plain optimizer's state dict into the base optimizer.
@@ -558,8 +749,10 @@ class SAM(Optimizer):
         """
         if self._pending():
             raise RuntimeError("load_state_dict() between first_step() and second_step(): w is perturbed")
+        sam: dict[str, Any] = {}
         if set(state_dict) == {"base_optimizer", "sam"}:
-            base_state, skipped = state_dict["base_optimizer"], state_dict["sam"]["skipped_steps"]
+            base_state, sam = state_dict["base_optimizer"], state_dict["sam"]
+            skipped = sam["skipped_steps"]
         elif {"state", "param_groups"} <= set(state_dict):
             base_state, skipped = state_dict, None
         else:
@@ -574,6 +767,12 @@ class SAM(Optimizer):
                 group.setdefault(key, value)
         if skipped is not None:
             self._run.skipped_steps = skipped.detach().clone()
+        self._steps = int(sam.get("steps", 0))
+        variant = sam.get("variant", {})
+        params = list(self._param_index())
+        for name, st in self._param_states.items():
+            st.load_state_dict(variant.get(name, {}), params)
+        self._load_extra_state(variant)
 
     def __getstate__(self) -> dict[str, Any]:
         # Optimizer's keeps only defaults, state and groups; SAM needs all of its attributes. A scheduler's
@@ -589,9 +788,10 @@ class _StepState:
         self.perturbed: list[Tensor] = []
         self.first_nonfinite: Tensor | None = None
         self.subset_grads: dict[Tensor, Tensor | None] | None = None  # m-sharpness: earlier subsets' gradients
-        self.copied: list[Tensor] = []  # the parameters whose copies of w are in ``copies``, in that order
-        self.copies: list[Tensor] = []
-        self.copies_mixed = False  # ``copies`` hold several (dtype, device) kinds: see ``_copy``
+        self.saved = False  # w of this step (or subset) is in SAM's copies
+        self.buffers_saved = False  # and the model's buffers too
+        self.one_pass = False  # first_step() decided this step does not ascend: .grad holds the clean gradient
+        self.kept_clean = False  # the clean gradients of this step are in SAM._clean
         self.buffer_slots: list[tuple[dict[str, Tensor], str]] = []  # (module._buffers, name) per buffer
         self.buffer_backup: list[Tensor] = []
         self.buffer_backup_mixed = False
@@ -628,38 +828,3 @@ class _Ascent:
         for i, t in zip(idx, adaptive_scale([at[i] for i in idx], [self.etas[i] for i in idx]), strict=True):
             out[i] = t
         return out
-
-
-def _layout(t: Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
-    return t.shape, t.dtype, t.device
-
-
-def _mixed(tensors: list[Tensor]) -> bool:
-    """Whether ``tensors`` hold more than one (dtype, device) kind; computed when a list of copies is built."""
-    return len({(t.dtype, t.device) for t in tensors}) > 1
-
-
-def _copy(targets: list[Tensor], sources: list[Tensor], mixed: bool) -> None:
-    """``torch._foreach_copy_(targets, sources)``, one call per (dtype, device) when ``mixed``.
-
-    CUDA's one-launch copy needs a single dtype in the list; BatchNorm's buffers mix float32 statistics
-    with an int64 ``num_batches_tracked``, which would otherwise cost one kernel per buffer. ``mixed`` is
-    cached with the lists, so the common single-kind step loops over no tensor in Python here.
-    """
-    if not mixed:
-        torch._foreach_copy_(targets, sources)
-        return
-    groups: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
-    for target, source in zip(targets, sources, strict=True):
-        dst, src = groups.setdefault((target.dtype, target.device), ([], []))
-        dst.append(target)
-        src.append(source)
-    for dst, src in groups.values():
-        torch._foreach_copy_(dst, src)
-
-
-def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
-    groups: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.device, []).append(t)
-    return groups
