@@ -194,3 +194,15 @@ def test_compare_reuses_finished_runs_only_of_the_same_config(tmp_path, capsys):
     assert main([*args, "--set", "epochs=3"]) == 2  # not silently the 2-epoch runs
     err = capsys.readouterr().err.strip()
     assert err.startswith("sharpness compare: error: ") and "differs in epochs" in err and "\n" not in err
+
+
+def test_compare_runs_any_methods_side_by_side(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "demo-digits", "--seeds", "0", "--methods", "sgd", "looksam", "msam", "--out", str(out)]
+    assert main([*args, *TINY]) == 0
+    header = (out / "report.md").read_text().splitlines()[0]
+    assert header == "| Experiment | SGD | LOOKSAM | MSAM |"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["looksam-seed0", "msam-seed0", "sgd-seed0"]
+    with pytest.raises(SystemExit):
+        main(["compare", "demo-digits", "--methods", "adam"])
+    assert "invalid choice: 'adam'" in capsys.readouterr().err

@@ -70,7 +70,11 @@ def test_paper_hyperparameters(name, expected):
     [
         ("epochs=abc", "epochs must be int; got 'abc'"),
         ("epochs=0", "epochs must be an integer >= 1; got 0"),
-        ("method=adam", "method must be one of sgd, sam; got 'adam'"),
+        (
+            "method=adam",
+            "method must be one of sgd, sam, gsam, looksam, msam, esam, fsam, vasso, interval, stochastic, aesam, "
+            "random; got 'adam'",
+        ),
         ("precision=fp8", "precision must be one of fp32, bf16, fp16"),
         ("rho=-0.1", "rho must be a number >= 0"),
         ("label_noise=1.5", "label_noise must be in [0, 1)"),

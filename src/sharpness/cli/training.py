@@ -89,8 +89,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     base = _load(args)
     out = Path(args.out or Path("runs") / base.name)
-    variants = [("sam", {}), ("sgd", {})]
-    if args.compute_matched:
+    variants = [(method, {}) for method in dict.fromkeys(args.methods)]
+    if args.compute_matched and "sgd" in args.methods:
         variants.append(("sgd", {"epochs": 2 * base.epochs}))
     for seed in args.seeds:
         for method, change in variants:
@@ -202,7 +202,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sharpness.harness.config import keys_help
+    from sharpness.harness.config import METHOD_NAMES, keys_help
 
     config_parser = {"epilog": keys_help(), "formatter_class": _KeysHelpFormatter}
     p = sub.add_parser(
@@ -221,17 +221,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "compare",
-        help="SAM beside SGD over seeds, with a report",
-        description="Train the config with method=sam and method=sgd for each seed (skipping "
+        help="SAM beside SGD (and any variants) over seeds, with a report",
+        description="Train the config with each method (default: sam and sgd) for each seed (skipping "
         "finished runs, resuming killed ones), then write report.md and report.png.",
         **config_parser,
     )
     _config_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["sam", "sgd"],
+        choices=METHOD_NAMES,
+        metavar="METHOD",
+        help=f"methods side by side (default: sam sgd), of: {' '.join(METHOD_NAMES)}",
+    )
+    p.add_argument(
         "--compute-matched",
         action="store_true",
-        help="also train SGD for twice the epochs (the paper keeps the better SGD run)",
+        help="also train SGD (when among --methods) for twice the epochs (the paper keeps the better SGD run)",
     )
     p.add_argument("--out", help="parent directory of the runs (default: runs/<name>)")
     _report_args(p)

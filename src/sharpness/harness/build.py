@@ -1,4 +1,5 @@
-"""From a config to the objects of a run: device, optimizer (SAM or its base alone), learning-rate schedule."""
+"""From a config to the objects of a run: device, optimizer (SAM, a variant, or the base alone), learning-rate
+schedule."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from sharpness import SAM
 from sharpness.harness.config import TrainConfig
+from sharpness.harness.methods import method_options
 
 __all__ = ["resolve_device", "build_optimizer", "build_schedule", "method_label"]
 
@@ -28,12 +29,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def method_label(config: TrainConfig) -> str:
-    """How reports name the run's method: ``sam`` or the base optimizer alone (``sgd``, ``adam``, ...)."""
-    return "sam" if config.method == "sam" else config.optimizer
+    """How reports name the run's method: ``sam``, a variant's name, or the base optimizer alone (``sgd``, ...)."""
+    return config.optimizer if config.method == "sgd" else config.method
 
 
-def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
-    """The base optimizer of the config, wrapped in :class:`sharpness.SAM` when ``method`` is ``sam``."""
+def build_optimizer(
+    config: TrainConfig,
+    model: nn.Module,
+    total_steps: int = 1,
+    grad_scaler: torch.amp.GradScaler | None = None,
+) -> Optimizer:
+    """The base optimizer of the config, wrapped in SAM or the variant that ``method`` names.
+
+    ``total_steps`` is the run's length (AESAM's threshold schedule), ``grad_scaler`` the fp16 loop's scaler.
+    """
     base = _BASES[config.optimizer]
     kwargs: dict = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "sgd":
@@ -45,7 +54,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
         kwargs["foreach"] = True
     if config.method == "sgd":
         return base(model.parameters(), **kwargs)
-    return SAM(
+    cls, options = method_options(config, total_steps)
+    return cls(
         model.parameters(),
         base,
         rho=config.rho,
@@ -53,9 +63,9 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
         adaptive=config.adaptive,
         eta=config.eta,
         model=model,
-        ascent_steps=config.ascent_steps,
-        second_order=config.second_order,
         max_grad_norm=config.grad_clip,
+        grad_scaler=grad_scaler,
+        **options,
         **kwargs,
     )
 

@@ -27,8 +27,24 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message is one line saying what and what is allowed."""
 
 
+# ``method``: the base optimizer alone, SAM, and its variants (sharpness.harness.methods.METHODS).
+METHOD_NAMES = (
+    "sgd",
+    "sam",
+    "gsam",
+    "looksam",
+    "msam",
+    "esam",
+    "fsam",
+    "vasso",
+    "interval",
+    "stochastic",
+    "aesam",
+    "random",
+)
+
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("sgd", "sam"),
+    "method": METHOD_NAMES,
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("cosine", "step", "constant"),
     "precision": ("fp32", "bf16", "fp16"),
@@ -89,6 +105,21 @@ class TrainConfig:
     ascent_steps: int = 1
     second_order: bool = False
     m_sharpness: int | None = None
+    # SAM variants (each read by the method it names)
+    gsam_alpha: float = 0.4
+    rho_min: float | None = None
+    looksam_k: int = 5
+    looksam_alpha: float = 0.7
+    esam_beta: float = 0.5
+    esam_gamma: float = 0.5
+    fsam_sigma: float = 1.0
+    fsam_lambda: float = 0.9
+    vasso_theta: float = 0.9
+    interval_k: int = 2
+    sam_probability: float = 0.5
+    aesam_c_start: float = 1.0
+    aesam_c_end: float = -1.0
+    aesam_decay: float = 0.9
     # label-noise bootstrapping (paper Table 4): retrain on the first model's predicted training labels
     bootstrap: bool = False
     # execution
@@ -128,6 +159,9 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be a number > 0 or null; got {self.grad_clip!r}")
         if self.eval_on == "val" and self.val_fraction == 0:
             raise ConfigError("eval_on: val needs val_fraction > 0 (the paper holds out 10% to choose rho)")
+        if self.method not in ("sam", "sgd") and (self.ascent_steps != 1 or self.second_order):
+            raise ConfigError(f"ascent_steps and second_order are SAM's options; method {self.method} has neither")
+        self._validate_method_options()
         if self.second_order and (self.precision == "fp16" or self.ascent_steps != 1):
             raise ConfigError(
                 "second_order needs ascent_steps: 1 and precision fp32 or bf16 (its closure form does not run "
@@ -168,6 +202,22 @@ class TrainConfig:
         late = [m for m in values if m >= 1 and m > self.epochs]
         if late and self.schedule == "step":
             raise ConfigError(f"milestones {late!r} lie after the last epoch ({self.epochs})")
+
+    def _validate_method_options(self) -> None:
+        """The variant's options, checked by building its optimizer on one tensor (one line on a bad value)."""
+        if self.method == "sgd":
+            return
+        import torch
+
+        from sharpness.harness.methods import method_options
+
+        cls, options = method_options(self, total_steps=1)
+        try:
+            cls(
+                [torch.zeros(1, requires_grad=True)], torch.optim.SGD, rho=self.rho, lr=self.lr, momentum=0.9, **options
+            )
+        except ValueError as err:
+            raise ConfigError(f"method {self.method}: {err}") from None
 
     def _validate_m_sharpness(self) -> None:
         m = self.m_sharpness
@@ -212,7 +262,8 @@ CONFIG_HELP: dict[str, str] = {
     "model": "wrn-<depth>-<width>, resnet20/32/44/56/110, resnet18, shake-shake-26-2x96d, "
     "pyramidnet-<depth>-<alpha>[-shakedrop], mlp or cnn-small",
     "model_kwargs": "options of the model family, e.g. {width: 8} for cnn-small, {dropout: 0.3} for wrn-*",
-    "method": "sam, or sgd: the base optimizer alone",
+    "method": "sgd (the base optimizer alone), sam, or a variant: gsam, looksam, msam, esam, fsam, vasso, "
+    "interval, stochastic, aesam, random (docs/variants.md)",
     "optimizer": "base optimizer: sgd, adam or adamw",
     "epochs": "number of training epochs",
     "batch_size": "training batch size (the last partial batch of an epoch is dropped)",
@@ -233,6 +284,20 @@ CONFIG_HELP: dict[str, str] = {
     "ascent_steps": "SAM: inner ascent steps of radius rho / k (paper Appendix C.6)",
     "second_order": "SAM: add the second-order term (paper Appendix C.4; a third pass)",
     "m_sharpness": "SAM: one perturbation per subset of m examples of a batch (paper §4.1; null: whole batch)",
+    "gsam_alpha": "gsam: weight of the clean gradient's component orthogonal to the perturbed one (Zhuang et al.)",
+    "rho_min": "gsam: radius at the end of the lr schedule; rho follows the lr from rho down to it (null: rho)",
+    "looksam_k": "looksam: a SAM step every k steps, one pass reusing its direction in between (Liu et al.)",
+    "looksam_alpha": "looksam: weight of the reused direction",
+    "esam_beta": "esam: probability that a parameter tensor is perturbed (SWP, Du et al.)",
+    "esam_gamma": "esam: fraction of the batch, the sharpest, in the perturbed pass (SDS)",
+    "fsam_sigma": "fsam: weight of the gradients' moving average removed from the direction (Li et al. 2024)",
+    "fsam_lambda": "fsam: decay of that moving average",
+    "vasso_theta": "vasso: weight of the new gradient in the moving-average direction (Li & Giannakis)",
+    "interval_k": "interval: a SAM step every k steps, the base optimizer alone in between",
+    "sam_probability": "stochastic: probability that a step is a SAM step (Zhao et al. 2022)",
+    "aesam_c_start": "aesam: threshold c (in standard deviations of |g|^2) at the first step (Jiang et al.)",
+    "aesam_c_end": "aesam: threshold c at the last step (linear in between)",
+    "aesam_decay": "aesam: decay of the moving mean and variance of |g|^2",
     "bootstrap": "after training, retrain from scratch on the model's predicted training labels (paper Table 4)",
     "seed": "seed of initialisation, batch order, augmentation, label noise and the validation split",
     "device": "auto, cpu, cuda, cuda:1, ...",

@@ -1,9 +1,10 @@
 """Seeds of the random streams of a run, one per (seed, epoch, stream), mixed by numpy's ``SeedSequence``.
 
 A run draws from three streams each epoch: the batch order, the augmentation and torch's global generator
-(initialisation, dropout, shake-shake). Hashing (seed, epoch, stream) gives each its own seed, so no two
-streams, epochs or runs share one by an arithmetic coincidence (``seed * K + epoch`` gave the batch order
-and the augmentation the same seed).
+(initialisation, dropout, shake-shake); the optimizers that draw (ESAM, StochasticSAM, the random direction) seed
+their generators once from the ``optimizer`` stream of epoch 0. Hashing (seed, epoch, stream) gives each its
+own seed, so no two streams, epochs or runs share one by an arithmetic coincidence (``seed * K + epoch`` gave
+the batch order and the augmentation the same seed).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 
 __all__ = ["STREAMS", "epoch_seed"]
 
-STREAMS: dict[str, int] = {"order": 0, "augment": 1, "torch": 2}
+STREAMS: dict[str, int] = {"order": 0, "augment": 1, "torch": 2, "optimizer": 3}
 
 
 def epoch_seed(seed: int, epoch: int, stream: str) -> int:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sharpness import SAM
+from sharpness import ESAM, SAM
 from sharpness.harness.augment import build_augmentation
 from sharpness.harness.build import build_optimizer, build_schedule, method_label, resolve_device
 from sharpness.harness.config import TrainConfig
@@ -108,10 +108,10 @@ class Trainer:
         self.train_set = DeviceData(self.data.train_images, self.data.train_labels, device)
         self.eval_sets = {name: DeviceData(x, y, device) for name, (x, y) in self.data.splits.items()}
         self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.optimizer = build_optimizer(cfg, self.model)
         self.steps_per_epoch = self.train_set.num_batches(cfg.batch_size, drop_last=True)
-        self.schedule = build_schedule(cfg, self.optimizer, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self.optimizer = build_optimizer(cfg, self.model, cfg.epochs * self.steps_per_epoch, self.scaler)
+        self.schedule = build_schedule(cfg, self.optimizer, self.steps_per_epoch)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.aug_gen = torch.Generator(device=device)
 
@@ -125,18 +125,18 @@ class Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     # ------------------------------------------------------------------ one step
-    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _loss(self, x: Tensor, y: Tensor, reduction: str = "mean") -> tuple[Tensor, Tensor]:
         with self._autocast():
             logits = self.forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing, reduction=reduction)
         return loss, logits
 
     def _backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _step(self, images: Tensor, labels: Tensor, acc: dict[str, Tensor]) -> None:
-        """One update. SAM runs in its two-pass form (per subset with ``m_sharpness``), which GradScaler and clipping
-        also go through."""
+        """One update. SAM and its variants run in their manual form (:meth:`_sam_passes`), which GradScaler and
+        clipping also go through."""
         opt, cfg = self.optimizer, self.config
         x = self._inputs(images, train=True)
         if isinstance(opt, SAM) and cfg.second_order:  # needs the closure form (config forbids fp16 here)
@@ -149,11 +149,14 @@ class Trainer:
                 return out[0]
 
             opt.step(closure)
+            acc["passes"] += 3
             self._after_step(*first[0], labels, acc, opt.last_step_skipped)
             return
         if isinstance(opt, SAM):
-            loss, logits = self._sam_passes(x, labels)
+            loss, logits, passes = self._sam_passes(x, labels)
+            acc["passes"] += passes
         else:
+            acc["passes"] += 1
             loss, logits = self._loss(x, labels)
             self._backward(loss)
             if cfg.grad_clip is not None:
@@ -173,35 +176,63 @@ class Trainer:
             skipped = opt.last_step_skipped
         self._after_step(loss, logits, labels, acc, skipped)
 
-    def _sam_passes(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """SAM's clean and perturbed backward passes, leaving the step to ``opt.step()`` or ``scaler.step(opt)``.
+    def _sam_passes(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int]:
+        """The passes of SAM or a variant, leaving the step to ``opt.step()`` or ``scaler.step(opt)``.
 
-        With ``m_sharpness`` (Foret et al., §4.1) the batch is split into subsets of m examples, each perturbed
-        by its own gradient: per subset its clean backward, then ``ascent_steps`` times ``first_step`` and a
-        perturbed backward, each of the subset's mean loss weighted by its share of the batch, with
-        ``opt.next_subset()`` between subsets. Without it the same code runs once on the whole batch, unweighted.
-        The clean passes' losses (weighted and summed) and logits (concatenated) are returned for the metrics.
+        Returns the loss and logits the metrics report (the clean pass's; for MSAM and the random direction, whose
+        only pass is at the perturbed point, that pass's) and the number of forward-backward passes.
+
+        - SAM with ``m_sharpness`` (Foret et al., §4.1) splits the batch into subsets of m examples, each perturbed
+          by its own gradient: per subset its clean backward, then ``ascent_steps`` times ``first_step`` and a
+          perturbed backward, each of the subset's mean loss weighted by its share of the batch, with
+          ``opt.next_subset()`` between subsets. Without it the same code runs once on the whole batch.
+        - A variant's ``first_step()`` may answer that this step does not ascend (LookSAM, IntervalSAM, ...):
+          then the clean pass is the only one.
+        - MSAM and the random direction perturb before their one pass; ESAM's perturbed pass runs on the examples
+          that :meth:`sharpness.ESAM.select` picks.
         """
         opt, cfg = self.optimizer, self.config
+        if opt.perturbs_before_pass:
+            opt.first_step()
+            loss, logits = self._loss(x, labels)
+            self._backward(loss)
+            return loss, logits, 1
+        if isinstance(opt, ESAM):
+            return self._esam_passes(x, labels)
         n = labels.numel()
         m = cfg.m_sharpness or n
         subsets = list(zip(x.split(m), labels.split(m), strict=True)) if m < n else [(x, labels)]
-        losses, logits = [], []
+        losses, logits, passes = [], [], 0
         for i, (xs, ys) in enumerate(subsets):
             if i:
                 opt.next_subset()
             share = ys.numel() / n if len(subsets) > 1 else None
             loss, out = self._loss(xs, ys)
             self._backward(loss if share is None else loss * share)
+            passes += 1
             for _ in range(cfg.ascent_steps):
-                opt.first_step(zero_grad=True)
+                if not opt.first_step(zero_grad=True):
+                    break
                 perturbed = self._loss(xs, ys)[0]
                 self._backward(perturbed if share is None else perturbed * share)
+                passes += 1
             losses.append(loss if share is None else loss.detach() * share)
             logits.append(out)
         if len(subsets) == 1:
-            return losses[0], logits[0]
-        return torch.stack(losses).sum(), torch.cat(logits)
+            return losses[0], logits[0], passes
+        return torch.stack(losses).sum(), torch.cat(logits), passes
+
+    def _esam_passes(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int]:
+        """ESAM: the clean pass, a forward at w + eps without backward, and the selected examples' pass."""
+        opt = self.optimizer
+        losses, logits = self._loss(x, labels, reduction="none")
+        self._backward(losses.mean())
+        opt.first_step()
+        with torch.no_grad():
+            sharper = self._loss(x, labels, reduction="none")[0]
+        keep = opt.select(losses.detach(), sharper)
+        self._backward(self._loss(x[keep], labels[keep])[0])
+        return losses.detach().mean(), logits, 2
 
     def zero_accumulators(self) -> dict[str, Tensor]:
         """An epoch's device counters: loss sum, correct predictions and examples of the kept steps, skipped steps."""
@@ -210,6 +241,7 @@ class Trainer:
             "correct": torch.zeros((), dtype=torch.int64, device=self.device),
             "count": torch.zeros((), dtype=torch.int64, device=self.device),
             "skipped": torch.zeros((), dtype=torch.int64, device=self.device),
+            "passes": torch.zeros((), dtype=torch.int64, device=self.device),
         }
 
     def _after_step(
@@ -297,7 +329,7 @@ class Trainer:
                 torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        acc = {k: v.to(self.device) for k, v in state["accumulators"].items()}
+        acc = {**self.zero_accumulators(), **{k: v.to(self.device) for k, v in state["accumulators"].items()}}
         return state["epoch"], state["step_in_epoch"], acc
 
     # ------------------------------------------------------------------ the run
@@ -358,7 +390,7 @@ class Trainer:
 
     def _check_finite(self, epoch: int, loss_sum: float, count: int, skipped: int) -> None:
         cfg, steps = self.config, self.steps_per_epoch
-        remedy = f"lower lr (now {cfg.lr:g})" + (f" or rho (now {cfg.rho:g})" if cfg.method == "sam" else "")
+        remedy = f"lower lr (now {cfg.lr:g})" + (f" or rho (now {cfg.rho:g})" if cfg.method != "sgd" else "")
         remedy += ", or set grad_clip" if cfg.grad_clip is None else f", or grad_clip (now {cfg.grad_clip:g})"
         if self.scaler is None:
             if skipped:
@@ -380,8 +412,8 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, acc: dict[str, Tensor], seconds: float) -> dict[str, Any]:
         # The epoch's one read of its device counters.
-        loss_sum, correct, count, skipped = torch.stack(
-            [acc[k].double() for k in ("loss", "correct", "count", "skipped")]
+        loss_sum, correct, count, skipped, passes = torch.stack(
+            [acc[k].double() for k in ("loss", "correct", "count", "skipped", "passes")]
         ).tolist()
         count, skipped = int(count), int(skipped)
         self._check_finite(epoch, loss_sum, count, skipped)
@@ -392,6 +424,7 @@ class Trainer:
             "lr": self._last_step_lr(),
             "seconds": seconds,
             "skipped_steps": skipped,
+            "passes_per_step": passes / self.steps_per_epoch,
         }
         for split, data in self.eval_sets.items():
             evaluation = self.evaluate(data)
@@ -409,6 +442,9 @@ class Trainer:
             train_error=last["train_error"],
             train_loss=last["train_loss"],
             skipped_steps=sum(x["skipped_steps"] for x in lines),
+            # metrics.jsonl of runs started before passes were counted lack them
+            passes_per_step=sum(x.get("passes_per_step", math.nan) for x in lines) / len(lines),
+            train_seconds=sum(x["seconds"] for x in lines),
         )
         if self.config.label_noise > 0:
             metrics["noisy_labels_fitted"] = self._noisy_labels_fitted()

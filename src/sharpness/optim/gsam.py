@@ -40,7 +40,7 @@ class GSAM(SAM):
         params, base_optimizer: as for :class:`SAM`.
         rho: :math:`\rho_{\max}`.
         rho_min: :math:`\rho_{\min}` (default ``rho``: constant radius).
-        alpha: :math:`\alpha` (the paper's ablations use 0.1 to 0.6).
+        alpha: :math:`\alpha` (0.4 in the authors' PyTorch example, 0.6 in their ViT config).
         lr_max: :math:`\eta_{\max}` (default: each group's learning rate when GSAM is built).
         lr_min: :math:`\eta_{\min}` (default 0, the end of a cosine schedule).
         **options: SAM's other options (``p``, ``adaptive``, ``eta``, ``model``, ``max_grad_norm``,
@@ -62,7 +62,7 @@ class GSAM(SAM):
         rho: float = 0.05,
         *,
         rho_min: float | None = None,
-        alpha: float = 0.1,
+        alpha: float = 0.4,
         lr_max: float | None = None,
         lr_min: float = 0.0,
         **options: Any,
