@@ -70,3 +70,19 @@ def test_noisy_labels_fitted_of_a_bootstrap_run_is_measured_against_the_original
         assert summary["metrics"]["noisy_labels_fitted"] == expected
     bootstrap_labels = np.load(tmp_path / "run" / "bootstrap" / "train_labels.npy")
     assert (bootstrap_labels != original.noisy_train_labels)[mislabelled].mean() > 0.5  # the two measures differ
+
+
+def test_eval_every_evaluates_every_kth_epoch_and_the_last_and_counts_time_and_passes(tmp_path):
+    cfg = load_config(
+        "demo-digits", ["epochs=5", "batch_size=64", "model_kwargs={width: 4}", "device=cpu", "eval_every=2"]
+    )
+    (summary,) = train(cfg, tmp_path / "run", progress=False)
+    lines = _lines(tmp_path / "run")
+    assert ["test_error" in line for line in lines] == [False, True, False, True, True]
+    assert (
+        summary["metrics"]["test_error"]
+        == lines[-1]["test_error"]
+        == _error(load_run(tmp_path / "run", device="cpu"), *prepare_data(cfg).splits["test"])
+    )
+    assert all(line["passes_per_step"] == 2.0 and line["cpu_seconds"] > 0 for line in lines)
+    assert summary["metrics"]["train_cpu_seconds"] == pytest.approx(sum(line["cpu_seconds"] for line in lines))

@@ -130,6 +130,7 @@ class TrainConfig:
     compile: bool = False
     cudnn_benchmark: bool = True
     eval_batch_size: int = 1000
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,7 +139,7 @@ class TrainConfig:
         for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
-        for key in ("epochs", "batch_size", "ascent_steps", "eval_batch_size", "cutout_size"):
+        for key in ("epochs", "batch_size", "ascent_steps", "eval_batch_size", "eval_every", "cutout_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key} must be an integer >= 1; got {value!r}")
@@ -306,6 +307,7 @@ CONFIG_HELP: dict[str, str] = {
     "compile": "torch.compile the model",
     "cudnn_benchmark": "let cuDNN autotune convolutions (CUDA only; batches have a fixed shape)",
     "eval_batch_size": "batch size of evaluation",
+    "eval_every": "evaluate every k epochs (and after the last); metrics.jsonl has the other epochs' training figures",
 }
 
 

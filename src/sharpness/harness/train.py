@@ -355,7 +355,7 @@ class Trainer:
             for epoch in epochs:
                 if start_step == 0:
                     _seed_epoch(cfg.seed, epoch, self.aug_gen)
-                epoch_start = time.perf_counter()
+                epoch_start, epoch_cpu = time.perf_counter(), time.process_time()
                 self.model.train()
                 for i, (images, labels) in enumerate(
                     self.train_set.shuffled(cfg.batch_size, cfg.seed, epoch, start_step), start=start_step
@@ -370,8 +370,10 @@ class Trainer:
                 start_step = 0
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)  # the epoch's time includes its queued kernels
-                record = self._end_epoch(epoch, acc, time.perf_counter() - epoch_start)
-                epochs.set_postfix(train_loss=f"{record['train_loss']:.3f}", test_error=f"{record['test_error']:.2f}")
+                record = self._end_epoch(epoch, acc, time.perf_counter() - epoch_start, time.process_time() - epoch_cpu)
+                epochs.set_postfix(
+                    train_loss=f"{record['train_loss']:.3f}", test_error=f"{record.get('test_error', math.nan):.2f}"
+                )
                 acc = {k: v.clone() for k, v in zero.items()}
                 self.files.save_checkpoint(self._state(epoch + 1, 0, acc))
         finally:
@@ -410,7 +412,7 @@ class Trainer:
                 f"epoch {epoch + 1}: training loss is {loss_sum / count} on the steps GradScaler kept; {remedy}"
             )
 
-    def _end_epoch(self, epoch: int, acc: dict[str, Tensor], seconds: float) -> dict[str, Any]:
+    def _end_epoch(self, epoch: int, acc: dict[str, Tensor], seconds: float, cpu_seconds: float) -> dict[str, Any]:
         # The epoch's one read of its device counters.
         loss_sum, correct, count, skipped, passes = torch.stack(
             [acc[k].double() for k in ("loss", "correct", "count", "skipped", "passes")]
@@ -423,12 +425,14 @@ class Trainer:
             "train_error": 100.0 * (1 - correct / count),
             "lr": self._last_step_lr(),
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,  # this process's CPU time: other processes' load does not count
             "skipped_steps": skipped,
             "passes_per_step": passes / self.steps_per_epoch,
         }
-        for split, data in self.eval_sets.items():
-            evaluation = self.evaluate(data)
-            record[f"{split}_loss"], record[f"{split}_error"] = evaluation["loss"], evaluation["error"]
+        if (epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.config.epochs:
+            for split, data in self.eval_sets.items():
+                evaluation = self.evaluate(data)
+                record[f"{split}_loss"], record[f"{split}_error"] = evaluation["loss"], evaluation["error"]
         self.files.append_metrics(record)
         return record
 
@@ -445,6 +449,7 @@ class Trainer:
             # metrics.jsonl of runs started before passes were counted lack them
             passes_per_step=sum(x.get("passes_per_step", math.nan) for x in lines) / len(lines),
             train_seconds=sum(x["seconds"] for x in lines),
+            train_cpu_seconds=sum(x.get("cpu_seconds", math.nan) for x in lines),
         )
         if self.config.label_noise > 0:
             metrics["noisy_labels_fitted"] = self._noisy_labels_fitted()

@@ -1,0 +1,139 @@
+"""The variants' table and plot of docs/variants.md from ``sharpness compare`` runs: error against cost.
+
+For each experiment folder (one ``sharpness compare ... --methods ...`` output) and method: the test error's mean
+± 95% CI over seeds, the share of noisy labels fitted, the forward-backward passes per step, and the cost relative
+to SGD, the median over seeds of the run's training CPU time divided by SGD's of the same seed (CPU time of the
+training process, so other processes on a shared machine do not count; wall-clock ratios are in the JSON too).
+The gain kept is ``(SGD error - method error) / (SGD error - SAM error)``.
+
+    python benchmarks/variants_report.py runs/fmnist-noise40 runs/fmnist-clean --png docs/variants.png \
+        --json variants_results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sharpness.harness.report import collect_summaries, mean_ci
+
+
+def summarise(folder: Path) -> dict[str, Any]:
+    """Per-method figures of one experiment folder."""
+    runs: dict[str, dict[int, dict]] = {}
+    for s in collect_summaries([folder]):
+        runs.setdefault(s["method"], {})[s["seed"]] = s
+    if "sgd" not in runs or "sam" not in runs:
+        raise ValueError(f"{folder}: needs sgd and sam runs (has {sorted(runs)})")
+    sgd = runs["sgd"]
+    rows = {}
+    for method, by_seed in runs.items():
+        errors = [s["metrics"]["test_error"] for s in by_seed.values()]
+        mean, ci = mean_ci(errors)
+        cpu = [
+            s["metrics"]["train_cpu_seconds"] / sgd[k]["metrics"]["train_cpu_seconds"]
+            for k, s in by_seed.items()
+            if k in sgd
+        ]
+        wall = [
+            s["metrics"]["train_seconds"] / sgd[k]["metrics"]["train_seconds"] for k, s in by_seed.items() if k in sgd
+        ]
+        fitted = [s["metrics"].get("noisy_labels_fitted") for s in by_seed.values()]
+        rows[method] = {
+            "n": len(errors),
+            "test_error": mean,
+            "ci": ci,
+            "errors": errors,
+            "cost_cpu": statistics.median(cpu),
+            "cost_wall": statistics.median(wall),
+            "passes_per_step": statistics.mean(s["metrics"]["passes_per_step"] for s in by_seed.values()),
+            "noisy_labels_fitted": statistics.mean(fitted) if all(f is not None for f in fitted) else None,
+        }
+    gap = rows["sgd"]["test_error"] - rows["sam"]["test_error"]
+    for row in rows.values():
+        row["gain_kept"] = (rows["sgd"]["test_error"] - row["test_error"]) / gap if gap else math.nan
+    experiment = next(iter(next(iter(runs.values())).values()))["experiment"]
+    return {"folder": str(folder), "experiment": experiment, "rows": rows}
+
+
+ORDER = ("sgd", "sam", "gsam", "fsam", "vasso", "esam", "looksam", "interval", "stochastic", "aesam", "msam", "random")
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    methods = [m for m in ORDER if all(m in r["rows"] for r in results)]
+    methods += sorted({m for r in results for m in r["rows"]} - set(methods))
+    head = "| method | passes/step | cost vs SGD |"
+    rule = "|---|---:|---:|"
+    for r in results:
+        head += f" {r['experiment']}: test error % | gain kept |"
+        rule += "---:|---:|"
+        if any(row["noisy_labels_fitted"] is not None for row in r["rows"].values()):
+            head += " noisy labels fitted % |"
+            rule += "---:|"
+    lines = [head, rule]
+    for m in methods:
+        first = next(r["rows"][m] for r in results if m in r["rows"])
+        line = f"| {m} | {first['passes_per_step']:.2f} | {first['cost_cpu']:.2f} |"
+        for r in results:
+            row = r["rows"].get(m)
+            if row is None:
+                line += " – | – |"
+                continue
+            ci = "" if math.isnan(row["ci"]) else f" ± {row['ci']:.2f}"
+            line += f" {row['test_error']:.2f}{ci} (n={row['n']}) | {row['gain_kept']:+.0%} |"
+            if any(x["noisy_labels_fitted"] is not None for x in r["rows"].values()):
+                fitted = row["noisy_labels_fitted"]
+                line += f" {fitted:.1f} |" if fitted is not None else " – |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    fig = Figure(figsize=(5.2 * len(results), 4.2), layout="tight")
+    for k, r in enumerate(results):
+        ax = fig.add_subplot(1, len(results), k + 1)
+        for method, row in r["rows"].items():
+            ax.errorbar(
+                row["cost_cpu"],
+                row["test_error"],
+                yerr=0 if math.isnan(row["ci"]) else row["ci"],
+                fmt="o",
+                capsize=3,
+                color="C3" if method in ("sgd", "sam") else "C0",
+            )
+            ax.annotate(
+                method, (row["cost_cpu"], row["test_error"]), textcoords="offset points", xytext=(4, 3), fontsize=8
+            )
+        ax.set_xlabel("training cost relative to SGD (CPU time)")
+        ax.set_ylabel("test error (%), mean and 95% CI")
+        ax.set_title(r["experiment"])
+        ax.grid(alpha=0.3)
+    FigureCanvasAgg(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="sharpness compare output folders")
+    parser.add_argument("--png", type=Path, help="error-against-cost plot")
+    parser.add_argument("--json", type=Path, help="all figures as JSON")
+    args = parser.parse_args(argv)
+    results = [summarise(folder) for folder in args.folders]
+    print(markdown(results), end="")
+    if args.png:
+        plot(results, args.png)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
