@@ -20,6 +20,7 @@ import copy
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ class Runner:
         self.opt = build_optimizer(config, self.model, total_steps=steps)
         self.batches, self.i = batches, 0
         self.forwards = self.backwards = self.steps = 0
+        # The inputs need no gradient, so torch warns that the hook sees the outputs' gradients: all it counts.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         self.model.register_forward_hook(self._count_forward)
         self.model.register_full_backward_hook(self._count_backward)
 

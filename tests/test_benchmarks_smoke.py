@@ -198,3 +198,65 @@ def test_gpu_reduced_run_script_copies_the_results_back_flat(tmp_path):
     assert names == {"compare.log", "report.md", "report.png", *runs_back}
     assert len(names) <= 8  # what a device command can return
     assert json.loads((out / "sam-seed0.summary.json").read_text())["method"] == "sam"
+
+
+def test_bench_variants_runs_and_counts_passes(tmp_path):
+    out = tmp_path / "variants.json"
+    done = _run(
+        "bench_variants.py",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--models",
+        "cnn-small",
+        "--batch",
+        "8",
+        "--rounds",
+        "1",
+        "--steps",
+        "10",
+        "--methods",
+        "sam",
+        "looksam",
+        "interval",
+        "esam",
+        "msam",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {row["method"]: row for row in json.loads(out.read_text())["results"][0]["rows"]}
+    assert list(rows) == ["sgd", "sam", "looksam", "interval", "esam", "msam"]
+    backwards = {m: row["backwards_per_step"] for m, row in rows.items()}
+    assert backwards == {"sgd": 1.0, "sam": 2.0, "looksam": 1.2, "interval": 1.5, "esam": 2.0, "msam": 1.0}
+    assert rows["esam"]["forwards_per_step"] == 3.0 and rows["sgd"]["time_vs_sgd"] == 1.0
+
+
+def test_variants_report_computes_the_gain_kept_and_the_cost(tmp_path):
+    def summary(folder, method, seed, error, cpu):
+        run = tmp_path / folder / f"{method}-seed{seed}"
+        run.mkdir(parents=True)
+        metrics = {
+            "test_error": error,
+            "train_cpu_seconds": cpu,
+            "train_seconds": 2 * cpu,
+            "passes_per_step": cpu / 10,
+            "noisy_labels_fitted": 1.0,
+        }
+        (run / "summary.json").write_text(
+            json.dumps({"experiment": folder, "method": method, "seed": seed, "metrics": metrics})
+        )
+
+    for seed in (0, 1):
+        summary("noise", "sgd", seed, 30.0 + seed, 10.0)
+        summary("noise", "sam", seed, 20.0 + seed, 20.0)
+        summary("noise", "looksam", seed, 23.0 + seed, 12.0)
+    out = tmp_path / "r.json"
+    done = _run("variants_report.py", str(tmp_path / "noise"), "--png", str(tmp_path / "r.png"), "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())[0]["rows"]
+    assert rows["looksam"]["gain_kept"] == 0.7 and rows["looksam"]["cost_cpu"] == 1.2
+    assert rows["sam"]["cost_wall"] == 2.0 and rows["sgd"]["gain_kept"] == 0.0
+    assert "| looksam | 1.20 | 1.20 | 23.50 ± " in done.stdout and "| +70% |" in done.stdout
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
