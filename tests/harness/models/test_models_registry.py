@@ -95,15 +95,19 @@ def test_model_names_lists_the_patterns() -> None:
         "resnet56",
         "resnet110",
         "resnet18",
+        "resnet50",
+        "resnet101",
+        "resnet152",
         "shake-shake-<depth>-2x<width>d",
         "pyramidnet-<depth>-<alpha>",
         "pyramidnet-<depth>-<alpha>-shakedrop",
         "mlp",
         "cnn-small",
+        "<package.module>:<factory>",
     )
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet50", "wrn-28", "wrn-28-10-bn", "shake-shake-26-96d", ""])
+@pytest.mark.parametrize("name", ["vgg16", "resnet34", "wrn-28", "wrn-28-10-bn", "shake-shake-26-96d", ""])
 def test_unknown_name_lists_accepted_names(name: str) -> None:
     with pytest.raises(ValueError) as info:
         build_model(name, 10)

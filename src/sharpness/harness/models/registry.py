@@ -9,6 +9,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from torch import nn
 
+from sharpness.harness.models.external import build_external, check_external_name, is_external
+from sharpness.harness.models.imagenet_resnet import ImageNetResNet
 from sharpness.harness.models.pyramidnet import PyramidNet
 from sharpness.harness.models.resnet import CifarResNet, ResNet18
 from sharpness.harness.models.shake_shake import ShakeShakeNet
@@ -25,13 +27,18 @@ MODEL_NAMES: tuple[str, ...] = (
     "resnet56",
     "resnet110",
     "resnet18",
+    "resnet50",
+    "resnet101",
+    "resnet152",
     "shake-shake-<depth>-2x<width>d",
     "pyramidnet-<depth>-<alpha>",
     "pyramidnet-<depth>-<alpha>-shakedrop",
     "mlp",
     "cnn-small",
+    "<package.module>:<factory>",
 )
-"""The accepted model names; ``<...>`` stands for a positive integer."""
+"""The accepted model names; ``<...>`` stands for a positive integer, except in the last: a model brought by
+import path (:mod:`sharpness.harness.models.external`)."""
 
 # Each builder takes (match, num_classes, in_channels, image_size, **family kwargs).
 _Builder = Callable[..., nn.Module]
@@ -54,6 +61,12 @@ def _cifar_resnet(m: re.Match[str], num_classes: int, in_channels: int, image_si
 
 def _resnet18(m: re.Match[str], num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return ResNet18(num_classes, in_channels)
+
+
+def _imagenet_resnet(
+    m: re.Match[str], num_classes: int, in_channels: int, image_size: int, zero_init_residual: bool = False
+) -> nn.Module:
+    return ImageNetResNet(int(m["depth"]), num_classes, in_channels, zero_init_residual)
 
 
 def _shake_shake(m: re.Match[str], num_classes: int, in_channels: int, image_size: int) -> nn.Module:
@@ -82,6 +95,7 @@ _BUILDERS: tuple[tuple[re.Pattern[str], _Builder], ...] = (
     (re.compile(r"wrn-(?P<depth>\d+)-(?P<width>\d+)"), _wrn),
     (re.compile(r"resnet(?P<depth>20|32|44|56|110)"), _cifar_resnet),
     (re.compile(r"resnet18"), _resnet18),
+    (re.compile(r"resnet(?P<depth>50|101|152)"), _imagenet_resnet),
     (re.compile(r"shake-shake-(?P<depth>\d+)-2x(?P<width>\d+)d"), _shake_shake),
     (re.compile(r"pyramidnet-(?P<depth>\d+)-(?P<alpha>\d+)"), _pyramidnet),
     (re.compile(r"pyramidnet-(?P<depth>\d+)-(?P<alpha>\d+)-shakedrop"), _pyramidnet_shakedrop),
@@ -100,9 +114,11 @@ def _builder(name: str) -> tuple[_Builder, re.Match[str]]:
 
 
 def _accepts(annotation: Any, value: Any) -> bool:
-    """Whether ``value`` fits a builder option's annotation (``int``, ``float``, ``Literal[...]``)."""
+    """Whether ``value`` fits a builder option's annotation (``bool``, ``int``, ``float``, ``Literal[...]``)."""
     if get_origin(annotation) is Literal:
         return value in get_args(annotation)
+    if annotation is bool:
+        return isinstance(value, bool)
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if annotation is float:
@@ -120,8 +136,12 @@ def check_model_options(name: str, options: dict[str, Any]) -> None:
     """Check a model name and its family options against the builder's signature.
 
     Raises ``ValueError`` with one line: the unknown name, or the option that is wrong and the options (with
-    their types and defaults) that the family accepts.
+    their types and defaults) that the family accepts. An import path is only checked for its form here; its
+    module is imported when the model is built.
     """
+    if is_external(name):
+        check_external_name(name)
+        return
     builder, _ = _builder(name)
     params = list(inspect.signature(builder).parameters.values())[4:]
     hints = get_type_hints(builder)
@@ -142,14 +162,17 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, image_size
 
     Args:
         name: model name, e.g. ``"wrn-28-10"``, ``"resnet32"``, ``"shake-shake-26-2x96d"``,
-            ``"pyramidnet-272-200-shakedrop"``, ``"cnn-small"`` (case-insensitive).
+            ``"pyramidnet-272-200-shakedrop"``, ``"resnet50"``, ``"cnn-small"`` (case-insensitive), or an import
+            path ``package.module:factory`` called as ``factory(num_classes=..., **kwargs)``
+            (:func:`sharpness.harness.models.external.build_external`).
         num_classes: number of logits.
         in_channels: channels of the input images (3 for CIFAR/SVHN, 1 for MNIST/Fashion-MNIST).
         image_size: height (= width) of the input images; only ``mlp`` depends on it, every other
             model pools globally and accepts any size.
         **kwargs: family options: ``wrn``: ``dropout`` (default 0.0), ``norm`` (``"bn"`` or ``"none"``);
             ``pyramidnet-*-shakedrop``: ``final_keep_prob`` (p_L, default 0.5); ``mlp``: ``hidden``
-            (default 128); ``cnn-small``: ``width`` (default 32). Other families take none.
+            (default 128); ``cnn-small``: ``width`` (default 32); ``resnet50/101/152``: ``zero_init_residual``
+            (default False). Other families take none; an import path takes what its factory takes.
 
     Raises:
         ValueError: for an unknown name or invalid sizes; TypeError for an option the family lacks.
@@ -158,6 +181,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, image_size
         raise ValueError(
             f"num_classes, in_channels and image_size must be >= 1, got {num_classes}, {in_channels}, {image_size}"
         )
+    if is_external(name):
+        return build_external(name, num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
     builder, match = _builder(name)
     signature = inspect.signature(builder)
     try:
