@@ -3,7 +3,6 @@ errors, frozen layers bit-identical after SAM steps (their BatchNorm statistics 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -78,12 +77,10 @@ def test_harness_checkpoint_ddp_prefix_and_safetensors(tmp_path: Path) -> None:
     state = source.state_dict()
     torch.save({"epoch": 3, "model": state, "optimizer": {}}, tmp_path / "checkpoint.pt")
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
-    files = [tmp_path / "checkpoint.pt", tmp_path / "ddp.pt"]
-    if importlib.util.find_spec("safetensors") is not None:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file  # installed with the [test] extra
 
-        save_file(state, str(tmp_path / "model.safetensors"))
-        files.append(tmp_path / "model.safetensors")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    files = [tmp_path / "checkpoint.pt", tmp_path / "ddp.pt", tmp_path / "model.safetensors"]
     for path in files:
         read = read_state_dict(path)
         assert sorted(read) == sorted(state) and all(torch.equal(read[k], state[k]) for k in state), path

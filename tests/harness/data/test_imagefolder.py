@@ -3,7 +3,6 @@ crops that depend on (seed, epoch, index) alone, and the samplers' batches per r
 
 from __future__ import annotations
 
-import importlib.util
 import io
 from pathlib import Path
 
@@ -32,8 +31,6 @@ from sharpness.harness.data.imagefolder import (
     read_split,
 )
 from sharpness.harness.loader import epoch_permutation
-
-HAS_SIMPLEJPEG = importlib.util.find_spec("simplejpeg") is not None
 
 
 def _image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
@@ -141,7 +138,7 @@ def test_corrupt_and_unreadable_images_raise_naming_the_file(folder: Path) -> No
     train.path(0).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # truncated JPEG
     train.path(2).write_bytes(b"\x89PNG\r\n\x1a\n garbage")  # broken PNG
     train.path(4).unlink()  # vanished since the listing
-    decoders = ["pillow", "simplejpeg"] if HAS_SIMPLEJPEG else ["pillow"]
+    decoders = ["pillow", "simplejpeg"]  # both are installed with the [test] extra
     for decoder in decoders:
         for transform, key in ((TrainTransform(), (0, 0)), (EvalTransform(), 0), (None, 0)):
             ds = ImageFolderDataset(train, transform, decoder=decoder)
@@ -217,7 +214,6 @@ def test_dct_scaled_decode_keeps_the_crop(tmp_path: Path) -> None:
     assert (scaled - full).abs().mean() < 2.0  # the same crop, decoded at 1/4 scale: pixels differ by rounding
 
 
-@pytest.mark.skipif(not HAS_SIMPLEJPEG, reason="simplejpeg is an optional extra")
 def test_simplejpeg_decodes_the_same_crop(folder: Path) -> None:
     train, _ = load_imagefolder(folder)
     for transform, key in ((TrainTransform(32), (1, 0)), (EvalTransform(24, 28), 0)):
@@ -275,7 +271,7 @@ def test_grayscale_and_cmyk_jpegs_become_rgb(tmp_path: Path) -> None:
     (tmp_path / "train" / "png").mkdir()
     (tmp_path / "train" / "png" / "x.JPEG").write_bytes(buf.getvalue())
     images = read_split(tmp_path, "train")
-    for decoder in ["pillow", "simplejpeg"] if HAS_SIMPLEJPEG else ["pillow"]:
+    for decoder in ["pillow", "simplejpeg"]:
         for index in range(3):
             x = ImageFolderDataset(images, EvalTransform(24, 28), decoder=decoder)[index][0]
             assert x.shape == (3, 24, 24) and x.dtype == torch.uint8
