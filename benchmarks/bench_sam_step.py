@@ -268,7 +268,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
+def quartiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         return values[0], values[0], values[0]
     q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
@@ -313,7 +313,7 @@ def bench_model(name: str, args, device: torch.device) -> dict[str, Any]:
 
     rows = []
     for v in args.variants:
-        q1, med, q3 = _quartiles(samples[v])
+        q1, med, q3 = quartiles(samples[v])
         row: dict[str, Any] = {
             "variant": v,
             "clock": args.clock,
@@ -330,7 +330,7 @@ def bench_model(name: str, args, device: torch.device) -> dict[str, Any]:
         }
         if v in SAM_VARIANTS and "2pass" in samples:
             ratios = [100.0 * (a / b - 1.0) for a, b in zip(samples[v], samples["2pass"], strict=True)]
-            rq1, rmed, rq3 = _quartiles(ratios)
+            rq1, rmed, rq3 = quartiles(ratios)
             row.update(overhead_pct=rmed, overhead_q1_pct=rq1, overhead_q3_pct=rq3)
             row["overhead_ms"] = med - statistics.median(samples["2pass"])
         rows.append(row)

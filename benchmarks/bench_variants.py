@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +31,7 @@ from sharpness import ESAM
 from sharpness.harness.build import build_optimizer
 from sharpness.harness.config import METHOD_NAMES, TrainConfig
 
-from bench_sam_step import MODELS
+from bench_sam_step import MODELS, quartiles
 from provenance import run_info
 
 
@@ -82,13 +81,6 @@ class Runner:
         return opt.step(closure)
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
-
-
 def bench_model(name: str, args, device: torch.device) -> dict[str, Any]:
     factory, shape = MODELS[name]
     torch.manual_seed(0)
@@ -123,7 +115,7 @@ def bench_model(name: str, args, device: torch.device) -> dict[str, Any]:
             samples[m].append((now - start) * 1e3 / args.steps)
     rows = []
     for m in args.methods:
-        q1, med, q3 = _quartiles(samples[m])
+        q1, med, q3 = quartiles(samples[m])
         runner = runners[m]
         row = {
             "method": m,
@@ -137,7 +129,7 @@ def bench_model(name: str, args, device: torch.device) -> dict[str, Any]:
         }
         if "sgd" in samples:
             ratios = [a / b for a, b in zip(samples[m], samples["sgd"], strict=True)]
-            row["time_vs_sgd_q1"], row["time_vs_sgd"], row["time_vs_sgd_q3"] = _quartiles(ratios)
+            row["time_vs_sgd_q1"], row["time_vs_sgd"], row["time_vs_sgd_q3"] = quartiles(ratios)
         rows.append(row)
     return {"model": name, "parameters": sum(p.numel() for p in template.parameters()), "rows": rows}
 
