@@ -25,12 +25,13 @@ def test_every_recipe_has_an_example():
         "amp_grad_scaler",
         "trainer_style_step",
         "ddp",
+        "fsdp",
         "grad_accumulation",
         "batchnorm",
         "asam_and_options",
         "m_sharpness",
     }
-    assert len(SCRIPTS) >= 9
+    assert len(SCRIPTS) >= 10
     assert expected <= names, f"missing: {sorted(expected - names)}"
 
 
