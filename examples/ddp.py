@@ -13,8 +13,10 @@ The recipe, per batch on every replica:
 Each replica perturbs its own weights with its own batch's gradient, as the paper does on several accelerators
 (m-sharpness, Section 4.1, with m = the per-replica batch), and the clean pass costs no communication. Without
 ``no_sync()`` DDP would all-reduce the clean gradient too: one more all-reduce per step, and eps-hat from the
-global batch (a larger m, which the paper finds generalises worse). The forward must be inside ``no_sync()`` as
-well: DDP decides at forward time whether the following backward synchronises.
+global batch (a larger m, which the paper finds generalises worse); that is the *global* scheme, which you ask
+for with ``SAM(..., perturbation="global")`` (``opt.clean_pass_no_sync`` then says False). The forward must be
+inside ``no_sync()`` as well: DDP decides at forward time whether the following backward synchronises. A
+non-finite gradient on any replica skips the step on all of them (SAM all-reduces its skip flag).
 
 With ``torchrun`` instead of ``mp.spawn``, ``worker`` is the body of your script (rank from the environment).
 """

@@ -25,6 +25,7 @@ def test_every_recipe_has_an_example():
         "amp_grad_scaler",
         "trainer_style_step",
         "ddp",
+        "fsdp",
         "grad_accumulation",
         "batchnorm",
         "asam_and_options",

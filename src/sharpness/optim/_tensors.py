@@ -7,7 +7,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["layout", "mixed", "copy_", "by_device", "Copies", "ParamState", "all_reduce_mean_", "select"]
+from sharpness.optim import _sharded
+
+__all__ = [
+    "layout",
+    "mixed",
+    "copy_",
+    "by_device",
+    "Copies",
+    "ParamState",
+    "all_reduce_mean_",
+    "all_reduce_any",
+    "select",
+]
 
 
 def layout(t: Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
@@ -25,7 +37,11 @@ def copy_(targets: list[Tensor], sources: list[Tensor], mixed: bool) -> None:
     CUDA's one-launch copy needs a single dtype in the list; BatchNorm's buffers mix float32 statistics
     with an int64 ``num_batches_tracked``, which would otherwise cost one kernel per buffer. ``mixed`` is
     cached with the lists, so the common single-kind step loops over no tensor in Python here.
+
+    DTensors (FSDP2) are copied shard to shard: ``_foreach_copy_`` has no DTensor rule, and a copy of a shard
+    holds that shard only. Call it under ``torch.no_grad()``.
     """
+    targets, sources = _sharded.local(targets), _sharded.local(sources)
     if not mixed:
         torch._foreach_copy_(targets, sources)
         return
@@ -94,6 +110,16 @@ def all_reduce_mean_(tensors: list[Tensor], group: Any = None) -> None:
         dist.all_reduce(flat, group=group)
         flat.div_(world)
         torch._foreach_copy_(same, list(_unflatten_dense_tensors(flat, same)))
+
+
+def all_reduce_any(flag: Tensor | None, device: torch.device, group: Any = None) -> Tensor:
+    """Whether ``flag`` (a 0-dim bool tensor; None: False) is set on any process of ``group``: one all-reduce (MAX)
+    of one byte on ``device``, a collective on the device (no host synchronisation)."""
+    import torch.distributed as dist
+
+    byte = torch.zeros((), dtype=torch.uint8, device=device) if flag is None else flag.to(device, torch.uint8)
+    dist.all_reduce(byte, op=dist.ReduceOp.MAX, group=group)
+    return byte.bool()
 
 
 def select(skipped: Tensor | bool, old: list[Tensor] | None, new: list[Tensor]) -> list[Tensor] | None:

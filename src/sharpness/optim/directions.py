@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from sharpness.optim import _sharded
+
 __all__ = ["negative_momentum", "gaussian", "moving_average", "friendly"]
 
 
@@ -25,16 +27,21 @@ def negative_momentum(momenta: Sequence[Tensor | None], params: Sequence[Tensor]
 
 
 def gaussian(params: Sequence[Tensor], generators: dict[torch.device, torch.Generator]) -> list[Tensor]:
-    """Standard normal noise shaped like ``params``: one draw per (device, dtype) from that device's generator."""
+    """Standard normal noise shaped like ``params``: one draw per (device, dtype) from that device's generator.
+
+    For DTensors (FSDP2) each rank draws its local shards only, sharded like the parameters: the generators must
+    then differ between ranks.
+    """
+    shards = _sharded.local(params)
     out: list[Tensor | None] = [None] * len(params)
     kinds: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
+    for i, p in enumerate(shards):
         kinds.setdefault((p.device, p.dtype), []).append(i)
     for (device, dtype), idx in kinds.items():
-        sizes = [params[i].numel() for i in idx]
+        sizes = [shards[i].numel() for i in idx]
         flat = torch.randn(sum(sizes), generator=generators[device], device=device, dtype=dtype)
         for i, chunk in zip(idx, flat.split(sizes), strict=True):
-            out[i] = chunk.view_as(params[i])
+            out[i] = _sharded.like(params[i], chunk.view_as(shards[i]))
     return out  # type: ignore[return-value]
 
 

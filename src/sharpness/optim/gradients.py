@@ -2,7 +2,9 @@ r"""How a variant forms its final gradient: inner products and orthogonal compon
 
 A "vector" here is a list of tensors (one per parameter), as in :mod:`sharpness.optim.perturbation`; every
 function works on the concatenation of the list and is built from ``torch._foreach_*`` ops (a few launches for
-the whole list, no host synchronisation). Reductions accumulate in float64 (float32 on MPS).
+the whole list, no host synchronisation). Reductions accumulate in float64 (float32 on MPS). DTensors (FSDP2's
+sharded gradients) count whole: elementwise work runs on the shards, and the reductions are all-reduced over them
+(:func:`~sharpness.optim.perturbation.global_norm`).
 
 - GSAM (Zhuang et al., 2022, Algorithm 1): :math:`\nabla f_p - \alpha\, \nabla f_\perp`, where
   :math:`\nabla f_\perp` is the component of the clean gradient orthogonal to the perturbed one

@@ -46,10 +46,12 @@ class GSAM(SAM):
         **options: SAM's other options (``p``, ``adaptive``, ``eta``, ``model``, ``max_grad_norm``,
             ``skip_nonfinite``, ``grad_scaler``) and the base optimizer's.
 
-    Data-parallel: the clean pass runs under ``no_sync()`` (each replica perturbs with its own gradient); the
-    decomposition is linear in :math:`g`, and GSAM averages the clean gradients over the replicas before it, so
-    every replica applies the same :math:`d`. The authors' code instead decomposes each replica's own pair and
-    averages the :math:`d`'s, which differs by the replicas' spread of :math:`g_p`.
+    Data-parallel with per-replica perturbations, the clean pass runs under ``no_sync()`` (each replica perturbs
+    with its own gradient); the decomposition is linear in :math:`g`, and GSAM averages the clean gradients over
+    the replicas before it (one more all-reduce of a gradient), so every replica applies the same :math:`d`. The
+    authors' code instead decomposes each replica's own pair and averages the :math:`d`'s, which differs by the
+    replicas' spread of :math:`g_p`. With global perturbations (``perturbation="global"``, and under FSDP) the
+    clean gradient is already the average.
     """
 
     _keeps_clean_gradient = True

@@ -6,9 +6,10 @@ r"""SAM on some steps only, plain base-optimizer steps (one pass) on the others.
   (Jiang, Yang, Zhang, Kwok; "An Adaptive Policy to Employ Sharpness-Aware Minimization", ICLR 2023).
 
 In a manual loop: after the clean backward, ``if opt.first_step(): <perturbed backward>``, then ``opt.step()``.
-Data-parallel, the clean pass runs under ``no_sync()`` only where ``opt.next_step_ascends`` is true (for AESAM it
-is None, decided by the gradient: run it under ``no_sync()``; on a step that then does not ascend AESAM averages
-the clean gradients over the replicas itself).
+Data-parallel with per-replica perturbations, the clean pass runs under ``no_sync()`` only where
+``opt.clean_pass_no_sync`` is true, i.e. where ``opt.next_step_ascends`` is not False (for AESAM it is None, decided
+by the gradient: run it under ``no_sync()``; on a step that then does not ascend AESAM averages the clean gradients
+over the replicas itself).
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class AESAM(SAM):
     def _ascends(self, grads: list[Tensor]) -> bool:
         if not grads:
             return True
-        # Averaged over data-parallel replicas, so that all of them take the same decision.
+        # Averaged over data-parallel replicas (when per replica), so that all of them take the same decision.
         sq_norm = self._average_over_replicas([global_norm(self._unscaled(grads), 2.0).square()])[0]
         ascends = self.schedule.ascends(self._steps, float(sq_norm))
         if not ascends:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sharpness.optim._tensors import copy_
 from sharpness.optim._validation import check_nonnegative
 from sharpness.optim.gradients import add_scaled, norm_ratio, orthogonal
 from sharpness.optim.sam import SAM
@@ -40,8 +40,8 @@ class LookSAM(SAM):
         **options: SAM's other options and the base optimizer's.
 
     Manual loop: after the clean backward, ``if opt.first_step(): <perturbed backward>``, then ``opt.step()``.
-    Data-parallel: run the clean pass under ``no_sync()`` only when ``opt.next_step_ascends``; on the steps in
-    between it is the step's only pass and must be averaged.
+    Data-parallel: run the clean pass under ``no_sync()`` only when ``opt.clean_pass_no_sync`` (per-replica
+    perturbations, on SAM steps); on the steps in between it is the step's only pass and must be averaged.
     """
 
     _keeps_clean_gradient = True
@@ -82,4 +82,4 @@ class LookSAM(SAM):
         gv = self._gv.get(params)
         if self.alpha == 0 or gv is None:
             return
-        torch._foreach_copy_(grads, add_scaled(grads, gv, self.alpha * norm_ratio(grads, gv)))
+        copy_(grads, add_scaled(grads, gv, self.alpha * norm_ratio(grads, gv)), mixed=False)

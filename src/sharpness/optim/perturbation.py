@@ -16,9 +16,10 @@ Adaptive SAM (ASAM, Kwon et al. 2021) solves the same problem in the coordinates
 (for :math:`p = 2`: :math:`\rho T_w^2 g / \|T_w g\|_2`).
 
 The norm is global: it runs over every tensor passed in, so the caller decides which parameters
-share one ball. Everything here is built from out-of-place ``torch._foreach_*`` ops: one kernel
-launch per op for the whole list, no host synchronisation, and differentiable by autograd (which
-the second-order variant of SAM uses).
+share one ball. For DTensors (FSDP2's sharded gradients) it runs over the whole tensors: each rank's part,
+all-reduced over the shards (a collective on device tensors). Everything here is built from out-of-place
+``torch._foreach_*`` ops: one kernel launch per op for the whole list, no host synchronisation, and
+differentiable by autograd (which the second-order variant of SAM uses).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from sharpness.optim import _sharded
 
 __all__ = ["Perturbation", "dual_exponent", "global_norm", "adaptive_scale", "perturbation"]
 
@@ -52,21 +55,35 @@ def dual_exponent(p: float) -> float:
     return 1.0 if math.isinf(p) else p / (p - 1.0)
 
 
-def global_norm(tensors: Sequence[Tensor], ord: float = 2.0, dtype: torch.dtype | None = None) -> Tensor:
+def global_norm(
+    tensors: Sequence[Tensor],
+    ord: float = 2.0,
+    dtype: torch.dtype | None = None,
+    *,
+    sharding: Sequence[_sharded.Sharding] | None = None,
+) -> Tensor:
     """The ``ord``-norm of the concatenation of ``tensors``, as a 0-dim tensor.
 
     Accumulates in ``dtype`` (float64 if a tensor is), by default in float64 whatever the tensors' dtype
     (float32 on MPS, which has no float64): squares of float32 gradients below 1e-19 or above 1e19 underflow or
     overflow in float32, not in float64. Per-device partial norms are gathered onto the first tensor's device
     (no host synchronisation).
+
+    DTensors (FSDP2's sharded parameters and gradients) count whole: each rank's part is reduced over the shards
+    by one all-reduce per mesh, and every rank gets the same plain tensor. ``sharding`` is for callers that pass
+    the DTensors' local shards instead: each shard's sharding, as :func:`sharpness.optim._sharded.unwrap` gives it.
     """
     if len(tensors) == 0:
         raise ValueError("global_norm of an empty list")
+    if sharding is None:
+        tensors, sharding = _sharded.unwrap(tensors)
     device = tensors[0].device
     if dtype is None:
         dtype = torch.float32 if device.type == "mps" else torch.float64
     elif any(t.dtype == torch.float64 for t in tensors):
         dtype = torch.float64  # never narrower than the tensors
+    if sharding is not None:
+        return _sharded.norm(tensors, sharding, ord, dtype)
     norms = torch._foreach_norm(list(tensors), ord, dtype=dtype)
     try:
         stacked = torch.stack(norms)
@@ -86,6 +103,8 @@ def perturbation(
     rho: float | Sequence[float],
     p: float = 2.0,
     scale: Sequence[Tensor | None] | None = None,
+    *,
+    sharding: Sequence[_sharded.Sharding] | None = None,
 ) -> Perturbation:
     """:math:`\\hat\\epsilon` of eq. (2) for the concatenation of ``grads``.
 
@@ -96,6 +115,8 @@ def perturbation(
         p: the norm of the ball, ``p > 1`` (``math.inf`` allowed).
         scale: optional ASAM scale :math:`T_w` per tensor (see :func:`adaptive_scale`); ``None``
             entries mean :math:`T = 1` for that tensor.
+        sharding: when ``grads`` (and ``scale``) are the local shards of DTensors, each one's sharding
+            (see :func:`global_norm`); DTensors themselves need none.
 
     Returns:
         The perturbation and the dual norm :math:`\\|T g\\|_q` it was normalised by. If any gradient is
@@ -114,15 +135,15 @@ def perturbation(
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in scaled)
 
     if q == 2.0:
-        dual_norm = global_norm(scaled, 2.0)
+        dual_norm = global_norm(scaled, 2.0, sharding=sharding)
         direction, denominator = scaled, dual_norm
     elif q == 1.0:
-        dual_norm = global_norm(scaled, 1.0)
+        dual_norm = global_norm(scaled, 1.0, sharding=sharding)
         direction, denominator = torch._foreach_sign(scaled), torch.ones_like(dual_norm)
     else:
-        peak = global_norm(scaled, math.inf).clamp_min(_TINY)
+        peak = global_norm(scaled, math.inf, sharding=sharding).clamp_min(_TINY)
         unit = _div(scaled, peak, differentiable)
-        unit_norm = global_norm(unit, q)
+        unit_norm = global_norm(unit, q, sharding=sharding)
         dual_norm = unit_norm * peak
         direction = torch._foreach_mul(torch._foreach_sign(unit), torch._foreach_pow(torch._foreach_abs(unit), q - 1.0))
         denominator = unit_norm.pow(q - 1.0)

@@ -22,7 +22,8 @@ class RandomDirectionSAM(SAM):
     The direction does not depend on the gradient, so a step takes one pass: call :meth:`first_step` *before* the
     forward pass, then the forward and backward, then :meth:`step`; ``opt.step(closure)`` does the same and returns
     the loss at the perturbed point. (The paper does not say whether its control also ran the clean pass; its
-    result would not change.) The draws come from a generator per device, saved in :meth:`state_dict`.
+    result would not change.) The draws come from a generator per device, saved in :meth:`state_dict`; under FSDP2
+    each rank draws its own shards of :math:`z` from a stream of its own (:math:`\|z\|` is taken over all of it).
 
     Args:
         params, base_optimizer, rho: as for :class:`SAM`.
@@ -51,6 +52,10 @@ class RandomDirectionSAM(SAM):
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             offset = 0 if device.index is None else device.index + 1
+            if self._sharded:  # each rank draws its own shards of z: one stream per rank
+                import torch.distributed as dist
+
+                offset += (dist.get_rank() + 1) << 16
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + offset)
         return self._generators[device]
 

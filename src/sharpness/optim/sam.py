@@ -11,7 +11,17 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sharpness.optim._tensors import Copies, ParamState, all_reduce_mean_, by_device, copy_, layout, mixed
+from sharpness.optim import _sharded
+from sharpness.optim._tensors import (
+    Copies,
+    ParamState,
+    all_reduce_any,
+    all_reduce_mean_,
+    by_device,
+    copy_,
+    layout,
+    mixed,
+)
 from sharpness.optim._validation import check_p, check_positive, check_positive_int, check_rho
 from sharpness.optim.perturbation import adaptive_scale, global_norm, perturbation
 
@@ -21,6 +31,8 @@ __all__ = ["SAM"]
 # names are accepted in the groups given to SAM unless the base optimizer has a hyperparameter of that name
 # (Adadelta's ``rho``), which then keeps it.
 _GROUP_KEYS = {"rho": "sam_rho", "adaptive": "sam_adaptive", "eta": "sam_eta"}
+
+_PERTURBATIONS = ("per_replica", "global")
 
 
 class SAM(Optimizer):
@@ -69,7 +81,28 @@ class SAM(Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop, for the variants whose first step reads the
             size of the clean gradient (FriendlySAM, VaSSO, AESAM); SAM itself needs none (eq. 2 is invariant to
             the loss scale).
+        perturbation: under data parallelism, the gradient the clean pass leaves in ``.grad``:
+            ``"per_replica"`` (each replica's own, the paper's m-sharpness: DDP's clean pass under ``no_sync()``,
+            see :attr:`clean_pass_no_sync`) or ``"global"`` (averaged over all replicas: DDP without
+            ``no_sync()``, or FSDP). Default: ``"global"`` for FSDP2's DTensor parameters, where it is the only
+            scheme (``"per_replica"`` raises), else ``"per_replica"``. The variants that mix the clean gradient
+            into their final one (GSAM, LookSAM, AESAM) average it over the replicas only when it is per replica.
+        process_group: the data-parallel group of DDP's replicas (default: the default group once
+            ``torch.distributed`` is initialised). With more than one process in it, the skip flag of
+            ``skip_nonfinite`` is all-reduced (MAX) every step, so that a non-finite gradient on any replica
+            skips the step on all of them. Unused under FSDP, whose gradients come reduced.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
+
+    Under FSDP2 (``fully_shard``; parameters and gradients are DTensors) every norm and inner product, eq. 2's
+    included, runs over the whole tensors (each rank's part, all-reduced: a collective on device tensors, no host
+    synchronisation), so :math:`\rho` means what it means on one device; :math:`\hat\epsilon` is the global one
+    (FSDP's gradients come averaged: per-replica :math:`\hat\epsilon` is not defined when each rank holds part
+    of :math:`w`). The copies of :math:`w` and the variants' state are sharded like the parameters. Pass
+    ``model=`` (the FSDP-wrapped root): SAM then also reshards its modules around the perturbed pass, without
+    which ``reshard_after_backward=False`` would run that pass at :math:`w`. ``second_order`` raises (FSDP's
+    gradients carry no graph), and so does ``first_step()`` finding no gradient (the clean pass must run with
+    FSDP's gradient synchronisation on). Fused AdamW works; fused SGD does not (torch 2.13 has no DTensor rule
+    for it): use ``foreach=True``.
 
     Example::
 
@@ -108,9 +141,13 @@ class SAM(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = True,
         grad_scaler: torch.amp.GradScaler | None = None,
+        perturbation: str | None = None,
+        process_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
         check_rho(rho)
+        if perturbation is not None and perturbation not in _PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {_PERTURBATIONS} (or None), got {perturbation!r}")
         self.p = check_p(p)
         check_positive(eta, "eta")
         self.ascent_steps = check_positive_int(ascent_steps, "ascent_steps")
@@ -136,6 +173,7 @@ class SAM(Optimizer):
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
         self.grad_scaler = grad_scaler
+        self.process_group = process_group
         self.model = model
         self.adaptive_weights_only = bool(adaptive_weights_only)
         self._sam_defaults = {"sam_rho": float(rho), "sam_adaptive": bool(adaptive), "sam_eta": float(eta)}
@@ -148,6 +186,9 @@ class SAM(Optimizer):
         self.base_optimizer = base_optimizer  # from here on, param_groups and state are the base optimizer's
         del self.__dict__["_groups_before_base"], self.__dict__["_state_before_base"]
         self.defaults = {**base_optimizer.defaults, **self._sam_defaults}  # OneCycleLR looks for 'momentum' here
+        self._sharded = self._check_params(perturbation)
+        self.perturbation = perturbation or ("global" if self._sharded else "per_replica")
+        self._fsdp_modules = _sharded.fsdp_modules(model) if self._sharded else []
 
         self._names = {param: name for name, param in model.named_parameters()} if model is not None else {}
         self._w = Copies()  # SAM's copy of w per perturbed parameter, reused across steps
@@ -167,6 +208,17 @@ class SAM(Optimizer):
     def skipped_steps(self) -> Tensor:
         """Number of steps skipped so far (a device tensor: read it when convenient, e.g. once per epoch)."""
         return self._run.skipped_steps
+
+    @property
+    def clean_pass_no_sync(self) -> bool:
+        """Whether a DDP loop runs the next step's clean pass (forward and backward) under ``model.no_sync()``.
+
+        True for per-replica perturbations on a step that may ascend; False for global ones, for the steps that
+        do not ascend (that pass is the step's only one and must be averaged) and for the variants whose one
+        pass is at the perturbed point (MSAM).
+        """
+        per_replica = self.perturbation == "per_replica" and not self.perturbs_before_pass
+        return per_replica and self.next_step_ascends is not False
 
     @property
     def create_graph(self) -> bool:
@@ -239,6 +291,12 @@ class SAM(Optimizer):
         for key, value in self._sam_defaults.items():
             param_group.setdefault(key, value)
         self.base_optimizer.add_param_group(param_group)
+        self._check_params(self.perturbation)
+
+    def _check_params(self, perturbation: str | None) -> bool:
+        """Whether the parameters are FSDP2's DTensors; raises for what SAM cannot do with them."""
+        params = [param for group in self.param_groups for param in group["params"]]
+        return _sharded.check(params, second_order=self.second_order, perturbation=perturbation)
 
     # ------------------------------------------------------------------ what the variants change
     #: The perturbation needs no gradient of this step (MSAM's momentum, a random direction): ``first_step()`` is
@@ -257,7 +315,8 @@ class SAM(Optimizer):
         """Whether the next step runs the ascent pass, known before its first pass (None: decided by its gradient).
 
         Data-parallel loops run the clean pass under ``no_sync()`` only on steps that ascend: on the others the
-        clean pass is the step's only pass, and its gradient must be averaged like any optimizer's.
+        clean pass is the step's only pass, and its gradient must be averaged like any optimizer's
+        (:attr:`clean_pass_no_sync` says it in one word).
         """
         return True
 
@@ -314,16 +373,24 @@ class SAM(Optimizer):
         return out
 
     def _average_over_replicas(self, tensors: list[Tensor]) -> list[Tensor]:
-        """``tensors`` (SAM's own copies) averaged in place over the data-parallel processes; as they are on one.
+        """``tensors`` (SAM's own copies) averaged in place over the DDP replicas when the clean pass is per
+        replica; as they are otherwise (one process, global perturbations, FSDP).
 
         Variants whose final gradient mixes in the clean gradient call it: under the per-replica scheme the clean
         pass runs under ``no_sync()``, and every replica must apply the same gradient.
         """
+        if tensors and self.perturbation == "per_replica" and self._data_parallel():
+            all_reduce_mean_(tensors, self.process_group)
+        return tensors
+
+    def _data_parallel(self) -> bool:
+        """Whether this process is one of several DDP replicas, each holding all of w (not FSDP's shards, whose
+        gradients come reduced)."""
+        if self._sharded:
+            return False
         import torch.distributed as dist
 
-        if tensors and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            all_reduce_mean_(tensors)
-        return tensors
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
 
     def _param_index(self) -> dict[Tensor, int]:
         """Each parameter's position across the groups, by which state dicts name parameters."""
@@ -358,6 +425,12 @@ class SAM(Optimizer):
             raise ValueError("after next_subset(), first_step() must clear the gradients (zero_grad=True)")
         ascent = self._ascent(restrict_to=self._run.perturbed if self._run.ascents else None)
         grads = [param.grad for param in ascent.params]
+        if self._sharded and not self._with_grad():
+            raise RuntimeError(
+                "first_step() found no gradient on the FSDP-sharded parameters: run the clean pass with FSDP's "
+                "gradient synchronisation on (set_requires_gradient_sync(False) or set_requires_all_reduce(False) "
+                "keep the gradient in FSDP's private buffers and add it into the perturbed pass's)"
+            )
         if self._run.ascents == 0:
             if self._keeps_clean_gradient and self.next_step_ascends is not False:
                 with_grad = self._with_grad()
@@ -386,9 +459,18 @@ class SAM(Optimizer):
         return True
 
     def _perturb(self, ascent: _Ascent, direction: list[Tensor], scales: list[Tensor | None] | None) -> None:
-        r""":math:`w \leftarrow w + \rho\, d / \|d\|` (eq. 2 for the direction ``d``), noting a non-finite ``d``."""
-        eps, dual_norm = perturbation(direction, ascent.rho(), self.p, scales)
-        torch._foreach_add_(ascent.params, eps)
+        r""":math:`w \leftarrow w + \rho\, d / \|d\|` (eq. 2 for the direction ``d``), noting a non-finite ``d``.
+
+        On DTensors, eq. 2 runs on the local shards, its norms all-reduced over them.
+        """
+        params, sharding = ascent.params, None
+        if self._sharded:
+            direction, sharding = _sharded.unwrap(direction)
+            params = _sharded.local(params)
+            scales = None if scales is None else _sharded.local(scales)
+        eps, dual_norm = perturbation(direction, ascent.rho(), self.p, scales, sharding=sharding)
+        torch._foreach_add_(params, eps)
+        _sharded.reshard(self._fsdp_modules)
         nonfinite = ~torch.isfinite(dual_norm)
         previous = self._run.first_nonfinite
         self._run.first_nonfinite = nonfinite if previous is None else previous | nonfinite
@@ -569,7 +651,7 @@ class SAM(Optimizer):
             self._final_gradient(with_grad, clean, ascended=not self._run.one_pass)
         total_norm = None
         if grads and self.max_grad_norm is not None:
-            total_norm = torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm, foreach=True)
+            total_norm = _sharded.plain(torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm, foreach=True))
 
         skip = None
         if found_inf is not None or self.skip_nonfinite:
@@ -582,6 +664,9 @@ class SAM(Optimizer):
                 flags.append(~torch.isfinite(global_norm(grads, 1.0, dtype=torch.float32)))
             if flags:
                 skip = torch.stack([f.to(flags[0].device) for f in flags]).any()
+            if self._data_parallel():  # the clean pass's flag is this replica's own: every replica skips alike
+                device = with_grad[0].device if with_grad else self.param_groups[0]["params"][0].device
+                skip = all_reduce_any(skip, device, self.process_group)
         skipped = self._base_step(skip, with_grad)
         for state in self._param_states.values():
             state.commit(skipped)
@@ -653,6 +738,7 @@ class SAM(Optimizer):
             return
         if self._run.perturbed:
             self._w.restore(self._run.perturbed)
+            _sharded.reshard(self._fsdp_modules)
         if self._run.buffers_saved and self._run.buffer_backup:
             buffers = [slots[name] for slots, name in self._run.buffer_slots]
             copy_(buffers, self._run.buffer_backup, self._run.buffer_backup_mixed)
