@@ -32,7 +32,7 @@ def test_every_recipe_has_an_example():
         "m_sharpness",
         "variants",
     }
-    assert len(SCRIPTS) >= 10
+    assert len(SCRIPTS) >= 11
     assert expected <= names, f"missing: {sorted(expected - names)}"
 
 
