@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sharpness import RandomDirectionSAM
@@ -44,3 +45,24 @@ def test_the_draws_are_reproducible_from_the_seed_and_differ_between_seeds():
     b, _ = _perturbations(seed=5)
     c, _ = _perturbations(seed=6)
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("net", ["mlp", "bn"])
+def test_random_direction_equals_the_reference_given_its_generator(net):
+    """w <- base(w, grad L(w + rho z/|z|)), z the standard normal draw of the seeded generator, one per step."""
+    from ._reference import LR, MOMENTUM, SGD, WD, Model, assert_matches, batches, closure_for, flat_params, models
+
+    module = models(net)
+    ref = Model(module)
+    data = batches(net, 4)
+    opt = RandomDirectionSAM(
+        module.parameters(), torch.optim.SGD, rho=0.2, seed=11, model=module, lr=LR, momentum=MOMENTUM, weight_decay=WD
+    )
+    for x, y in data:
+        opt.step(closure_for(module, x, y))
+    noise = torch.Generator().manual_seed(11)
+    w, sgd = flat_params(ref.module), SGD()
+    for x, y in data:
+        z = torch.randn(w.numel(), generator=noise, dtype=torch.float64)
+        w = sgd.step(w, ref.grad(w + 0.2 * z / z.norm(), x, y, update_buffers=True))
+    assert_matches(module, w, ref)
