@@ -206,3 +206,13 @@ def test_compare_runs_any_methods_side_by_side(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compare", "demo-digits", "--methods", "adam"])
     assert "invalid choice: 'adam'" in capsys.readouterr().err
+
+
+def test_a_label_names_one_methods_runs_beside_the_default_ones(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    base = ["compare", "demo-digits", "--seeds", "0", "--out", str(out), *TINY]
+    assert main([*base, "--methods", "sgd", "looksam"]) == 0
+    assert main([*base, "--methods", "looksam", "--set", "looksam_alpha=0.2", "--set", "label=looksam-a0.2"]) == 0
+    assert (out / "report.md").read_text().splitlines()[0] == "| Experiment | SGD | LOOKSAM | LOOKSAM-A0.2 |"
+    assert main([*base, "--methods", "sam", "sgd", "--set", "label=x"]) == 2
+    assert "names the runs of one method" in capsys.readouterr().err

@@ -90,13 +90,17 @@ def _compare(args: argparse.Namespace) -> int:
     base = _load(args)
     out = Path(args.out or Path("runs") / base.name)
     variants = [(method, {}) for method in dict.fromkeys(args.methods)]
+    if base.label and len(variants) > 1:
+        from sharpness.harness.config import ConfigError
+
+        raise ConfigError(f"label {base.label!r} names the runs of one method; give compare one --methods")
     if args.compute_matched and "sgd" in args.methods:
         variants.append(("sgd", {"epochs": 2 * base.epochs}))
     for seed in args.seeds:
         for method, change in variants:
             overrides = [f"method={method}", f"seed={seed}"] + [f"{k}={v}" for k, v in change.items()]
             config = _load(args, overrides)
-            tag = method + ("-2x" if change else "")
+            tag = (base.label or method) + ("-2x" if change else "")
             run_dir = out / f"{tag}-seed{seed}"
             # A finished run is reused and a killed one continued, both only if its config.yaml is this config.
             summary = train(config, run_dir, resume=(run_dir / "config.yaml").exists(), progress=_progress(args))[-1]

@@ -29,7 +29,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def method_label(config: TrainConfig) -> str:
-    """How reports name the run's method: ``sam``, a variant's name, or the base optimizer alone (``sgd``, ...)."""
+    """How reports name the run's method: ``label`` if set, else ``sam``, a variant's name, or the base optimizer
+    alone (``sgd``, ``adam``, ...)."""
+    if config.label:
+        return config.label
     return config.optimizer if config.method == "sgd" else config.method
 
 

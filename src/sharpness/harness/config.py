@@ -84,6 +84,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # optimisation
     method: str = "sam"
+    label: str | None = None
     optimizer: str = "sgd"
     epochs: int = 10
     batch_size: int = 128
@@ -265,6 +266,7 @@ CONFIG_HELP: dict[str, str] = {
     "model_kwargs": "options of the model family, e.g. {width: 8} for cnn-small, {dropout: 0.3} for wrn-*",
     "method": "sgd (the base optimizer alone), sam, or a variant: gsam, looksam, msam, esam, fsam, vasso, "
     "interval, stochastic, aesam, random (docs/variants.md)",
+    "label": "how reports name this run's method, e.g. looksam-alpha0.2 beside looksam (null: the method's name)",
     "optimizer": "base optimizer: sgd, adam or adamw",
     "epochs": "number of training epochs",
     "batch_size": "training batch size (the last partial batch of an epoch is dropped)",
