@@ -36,11 +36,13 @@ TINY = [
 TIMEOUT = 240  # seconds per torchrun job, far above its ~10 s, so that a hang fails instead of stalling the suite
 
 # Runs under torchrun: trains each scenario of the JSON list argv[2] ([name, kind, overrides]) in argv[1]/runs/name
-# and saves every rank's final parameters (and what the kinds record) to argv[1]/results/rank<r>.pt.
+# and saves every rank's final parameters (and what the kinds record) to argv[1]/results/rank<r>.pt. Kind "cli"
+# runs `sharpness <overrides>` with --out argv[1]/runs/name.
 _SCENARIOS = r"""
 import json, math, os, sys
 from pathlib import Path
 import torch
+from sharpness.cli.main import main
 from sharpness.harness.config import load_config
 from sharpness.harness.train import Interrupted, Trainer, TrainingDiverged
 
@@ -78,8 +80,11 @@ def weights(trainer):
 
 results = {}
 for name, kind, overrides in scenarios:
-    config = load_config("demo-digits", overrides)
     run = out / "runs" / name
+    if kind == "cli":
+        results[name] = main([*overrides, "--out", str(run)])
+        continue
+    config = load_config("demo-digits", overrides)
     if kind == "run":
         trainer = Trainer(config, run, progress=False)
         trainer.run()
@@ -187,11 +192,18 @@ SCENARIOS = [
     ["fsdp_sgd", "run", [*TINY, "method=sgd", "distributed=fsdp"]],
     ["fsdp_whole", "run", [*TINY, "method=sgd", "distributed=fsdp", "epochs=3"]],
     ["fsdp_stop_resume", "stop_resume", [*TINY, "method=sgd", "distributed=fsdp", "epochs=3"]],
+    ["fsam_whole", "run", [*TINY, "method=fsam"]],
+    ["fsam_stop_resume", "stop_resume", [*TINY, "method=fsam"]],
     ["inf_fp16", "poison", [*TINY, "precision=fp16"]],
     ["inf_fp32", "poison", [*TINY, "epochs=1"]],
     *[[f"variant_{m}", "run", [*TINY, f"method={m}", "epochs=1"]] for m in ("looksam", "interval", "aesam", "msam")],
     *[[f"variant_{m}", "run", [*TINY, f"method={m}", "epochs=1"]] for m in ("gsam", "esam", "fsam")],
     ["variant_esam_global", "run", [*TINY, "method=esam", "perturbation=global", "epochs=1"]],
+    [
+        "compare",
+        "cli",
+        ["compare", "demo-digits", "--seeds", "0", "--no-progress", *[x for s in TINY for x in ("--set", s)]],
+    ],
 ]
 
 
@@ -208,7 +220,8 @@ def two_ranks(tmp_path_factory, worker_id) -> tuple[Path, list[dict]]:
             out.mkdir(exist_ok=True)
             script = out / "scenarios.py"
             script.write_text(_SCENARIOS)
-            _run(_torchrun(2, str(script), str(out), json.dumps(SCENARIOS)), out / "cwd")
+            done = _run(_torchrun(2, str(script), str(out), json.dumps(SCENARIOS)), out / "cwd")
+            (out / "stdout.txt").write_text(done.stdout)
     return out, [torch.load(out / "results" / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -249,6 +262,16 @@ def test_rank_0_alone_writes_the_run_directory(two_ranks):
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
 
 
+def test_compare_under_torchrun_trains_every_run_together_and_rank_0_reports(two_ranks):
+    out, ranks = two_ranks
+    assert ranks[0]["compare"] == ranks[1]["compare"] == 0
+    compare = out / "runs" / "compare"
+    assert {p.name for p in compare.iterdir()} == {"sam-seed0", "sgd-seed0", "report.md", "report.png"}
+    for run in ("sam-seed0", "sgd-seed0"):
+        assert json.loads((compare / run / "summary.json").read_text())["distributed"]["world_size"] == 2
+    assert (out / "stdout.txt").read_text().count("| Experiment |") == 1  # the table, printed by rank 0 alone
+
+
 def test_variants_keep_the_ranks_in_step(two_ranks):
     """A step that does not ascend (LookSAM, IntervalSAM) all-reduces its only pass, AESAM averages itself, MSAM's
     one pass is all-reduced, GSAM and LookSAM average the clean gradient they mix in: the ranks stay identical."""
@@ -256,6 +279,16 @@ def test_variants_keep_the_ranks_in_step(two_ranks):
     names = [name for name, _, _ in SCENARIOS if name.startswith("variant_")]
     for name in names:
         assert all(torch.equal(v, ranks[1][name][k]) for k, v in ranks[0][name].items()), name
+
+
+def test_per_rank_optimizer_state_resumes_exactly(two_ranks):
+    """FriendlySAM's moving average is of each rank's own clean gradient under per_replica: each rank's is saved."""
+    out, ranks = two_ranks
+    for r in range(2):
+        split = ranks[r]["fsam_stop_resume"]
+        assert split["stopped"].startswith("SIGTERM: checkpoint saved in epoch 2 after step 1;")
+        assert all(torch.equal(v, ranks[r]["fsam_whole"][k]) for k, v in split["weights"].items())
+    assert _metric_lines(out / "runs" / "fsam_whole") == _metric_lines(out / "runs" / "fsam_stop_resume")
 
 
 def test_inf_on_one_rank_skips_the_step_on_both(two_ranks):

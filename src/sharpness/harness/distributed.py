@@ -19,7 +19,7 @@ import contextlib
 import os
 import pickle
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -396,6 +396,19 @@ class SharedRunDir:
 
     def _main(self, fn: Callable[[], T]) -> T:
         return on_main(fn, self.world)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[SharedRunDir]:
+        """Rank 0 holds the directory's lock for the block, where :class:`RunDir` has one; if it cannot, every rank
+        raises its error."""
+        with contextlib.ExitStack() as held:
+            if hasattr(self.files, "lock"):
+
+                def take() -> None:
+                    held.enter_context(self.files.lock())
+
+                self._main(take)
+            yield self
 
     def check(self, config: TrainConfig, resume: bool) -> bool:
         return self._main(lambda: self.files.check(config, resume))
