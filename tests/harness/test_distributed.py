@@ -159,7 +159,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def _metric_lines(run: Path) -> list[dict]:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
+    return [{k: v for k, v in line.items() if k not in ("seconds", "cpu_seconds")} for line in lines]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

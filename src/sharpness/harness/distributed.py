@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import os
 import pickle
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,14 +46,16 @@ __all__ = [
     "sum_over_ranks",
     "is_main_process",
     "load_model_file",
-    "to_cpu",
     "any_rank",
     "reduce_counters",
     "broadcast_buffers",
     "model_state",
     "load_model_state",
     "optimizer_state",
-    "load_optimizer_state",
+    "rank_optimizer_state",
+    "load_rank_optimizer_state",
+    "portable",
+    "restored",
     "SharedRunDir",
     "LOCAL_OPTIMIZER_STATE",
 ]
@@ -61,9 +64,10 @@ __all__ = [
 #: runs the base optimizer alone (``method: sgd``) and refuses SAM with a one-line ConfigError.
 SAM_SUPPORTS_FSDP = False
 
-#: Methods whose optimizer state is computed from each rank's own clean gradient under ``per_replica`` (the moving
-#: averages of FriendlySAM and VaSSO), so that it differs between ranks and each rank's is checkpointed.
-LOCAL_OPTIMIZER_STATE = frozenset({"fsam", "vasso"})
+#: Methods whose optimizer state differs between the ranks under ``per_replica``, so that each rank's is
+#: checkpointed: FriendlySAM's and VaSSO's moving averages of each rank's own clean gradient, and the random
+#: direction's generators (seeded per device, so per GPU).
+LOCAL_OPTIMIZER_STATE = frozenset({"fsam", "vasso", "random"})
 
 T = TypeVar("T")
 
@@ -216,27 +220,30 @@ def load_model_state(model: nn.Module, state: dict[str, Tensor] | None, world: W
     model.load_state_dict(state)
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict[str, Any]:
-    """The optimizer's state dict; under FSDP the full one, gathered (rank 0 holds it)."""
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict[str, Any] | None:
+    """The optimizer's state dict for the checkpoint's top level; None under FSDP, where each rank's shards go
+    into its own entry (:func:`rank_optimizer_state`)."""
     if world.parallel and _fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(model, optimizer, options=options)
+        return None
     return optimizer.state_dict()
 
 
-def load_optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any] | None, world: World
-) -> None:
-    """Load :func:`optimizer_state`'s output (under FSDP: rank 0's, broadcast and sharded)."""
-    if world.parallel and _fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def rank_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, world: World, config: TrainConfig, per_replica: bool
+) -> dict[str, Any] | None:
+    """This rank's own optimizer state, where it is not rank 0's: the shards under FSDP (as plain local tensors,
+    :func:`portable`), every rank's state under ``per_replica`` for :data:`LOCAL_OPTIMIZER_STATE`'s methods."""
+    if _fsdp(model):
+        return portable(optimizer.state_dict())
+    if world.rank and per_replica and config.method in LOCAL_OPTIMIZER_STATE:
+        return portable(optimizer.state_dict())
+    return None
 
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_optimizer_state_dict(model, optimizer, state if world.is_main else {}, options=options)
-        return
-    optimizer.load_state_dict(state)
+
+def load_rank_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load :func:`rank_optimizer_state`'s output on the rank that saved it."""
+    param = next(model.parameters())
+    optimizer.load_state_dict(restored(saved, getattr(param, "device_mesh", None), param.device))
 
 
 def load_model_file(model: nn.Module, path: str | Path, world: World) -> None:
@@ -256,14 +263,51 @@ def load_model_file(model: nn.Module, path: str | Path, world: World) -> None:
     load_model_state(model, held if main_only else state, world)
 
 
-def to_cpu(obj: Any) -> Any:
-    """``obj`` (nested dicts, lists and tuples) with every tensor copied to the CPU, e.g. to send it to rank 0."""
+def _dtensor_type() -> type | None:
+    """DTensor's class if its module is loaded (it is once anything was sharded), else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def portable(obj: Any) -> Any:
+    """``obj`` (nested dicts, lists and tuples) with every tensor copied to the CPU and every DTensor replaced by its
+    local shard and how it was sharded (plain data: a checkpoint loads with ``weights_only=True``)."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(obj, dtensor):
+        placements = []
+        for placement in obj.placements:
+            if placement.is_shard():
+                placements.append(("shard", placement.dim))
+            elif placement.is_replicate():
+                placements.append(("replicate",))
+            else:
+                raise ValueError(f"cannot checkpoint a DTensor placed {placement}")
+        local = obj.to_local().detach().cpu()
+        return {_DTENSOR: local, "placements": placements, "shape": list(obj.shape), "stride": list(obj.stride())}
     if isinstance(obj, Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
+        return {k: portable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(to_cpu(v) for v in obj)
+        return type(obj)(portable(v) for v in obj)
+    return obj
+
+
+_DTENSOR = "dtensor_local_shard"
+
+
+def restored(obj: Any, mesh: Any, device: torch.device) -> Any:
+    """The inverse of :func:`portable` on the rank that saved ``obj``: local shards become DTensors on ``mesh``."""
+    if isinstance(obj, dict) and _DTENSOR in obj:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        placements = [Shard(p[1]) if p[0] == "shard" else Replicate() for p in obj["placements"]]
+        local = obj[_DTENSOR].to(device)
+        shape, stride = torch.Size(obj["shape"]), tuple(obj["stride"])
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
+    if isinstance(obj, dict):
+        return {k: restored(v, mesh, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(restored(v, mesh, device) for v in obj)
     return obj
 
 
@@ -376,7 +420,7 @@ class SharedRunDir:
     """A :class:`RunDir` that rank 0 alone reads and writes (on one process: the RunDir itself).
 
     Each call runs on rank 0 and hands its result (or its exception) to every rank. ``main_only`` names
-    checkpoint entries that only rank 0 receives (FSDP's full state dicts, which it broadcasts tensor by tensor).
+    checkpoint entries that only rank 0 receives (FSDP's full model state dict, which it broadcasts tensor by tensor).
     """
 
     def __init__(self, files: RunDir, world: World, main_only: tuple[str, ...] = ()) -> None:
@@ -450,4 +494,4 @@ def shared_run_dir(path: str | Path, world: World, config: TrainConfig) -> RunDi
     files = RunDir(path)
     if not world.parallel:
         return files
-    return SharedRunDir(files, world, ("model", "optimizer") if config.distributed == "fsdp" else ())
+    return SharedRunDir(files, world, ("model",) if config.distributed == "fsdp" else ())

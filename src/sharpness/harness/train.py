@@ -374,9 +374,9 @@ class Trainer:
         mine = {key: state[key] for key in ("rng_cpu", "rng_aug", "rng_cuda") if key in state}
         mine["accumulators"] = {k: v.detach().cpu() for k, v in acc.items()}
         mine["buffers"] = [b.detach().cpu() for b in self.model.buffers()]
-        cfg = self.config
-        if self.world.rank and self.per_replica and cfg.method in distributed.LOCAL_OPTIMIZER_STATE:
-            mine["optimizer"] = distributed.to_cpu(self.optimizer.state_dict())
+        own = distributed.rank_optimizer_state(self.model, self.optimizer, self.world, self.config, self.per_replica)
+        if own is not None:
+            mine["optimizer"] = own
         return mine
 
     def _load_state(self, state: dict[str, Any]) -> tuple[int, int, dict[str, Tensor]]:
@@ -397,7 +397,8 @@ class Trainer:
                 "may change only at an epoch boundary, where every generator is re-seeded)"
             )
         distributed.load_model_state(self.model, state.get("model"), self.world)
-        distributed.load_optimizer_state(self.model, self.optimizer, state.get("optimizer"), self.world)
+        if state.get("optimizer") is not None:  # under FSDP each rank's shards are in its entry of "ranks"
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         mine = state["ranks"][self.world.rank] if self.world.parallel else state
         if self.world.parallel:
@@ -405,7 +406,7 @@ class Trainer:
                 for buffer, saved in zip(self.model.buffers(), mine["buffers"], strict=True):
                     buffer.copy_(saved)
             if "optimizer" in mine:
-                self.optimizer.load_state_dict(mine["optimizer"])
+                distributed.load_rank_optimizer_state(self.model, self.optimizer, mine["optimizer"])
         torch.set_rng_state(mine["rng_cpu"])
         if same_device:  # otherwise the epoch starts afresh and re-seeds the device's generators
             self.aug_gen.set_state(mine["rng_aug"])
