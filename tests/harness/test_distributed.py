@@ -19,6 +19,8 @@ from filelock import FileLock
 from sharpness.cli.main import main
 from sharpness.harness.config import ConfigError, load_config
 from sharpness.harness.distributed import World, check_config
+from sharpness.harness.loader import DeviceData
+from sharpness.harness.seeds import STREAMS, epoch_seed
 from sharpness.harness.train import Trainer
 
 # 4 global batches of 64 per epoch; no augmentation (each rank has its own stream) and no BatchNorm (it normalises
@@ -318,6 +320,25 @@ def test_fsdp_with_the_base_optimizer_equals_one_process_and_resumes_exactly(two
         assert all(torch.equal(v, ranks[r]["fsdp_whole"][k]) for k, v in split["weights"].items())
     whole, resumed = out / "runs" / "fsdp_whole", out / "runs" / "fsdp_stop_resume"
     assert _metric_lines(whole) == _metric_lines(resumed)
+
+
+def test_rank_0_keeps_the_single_process_streams_and_every_other_rank_gets_its_own():
+    assert epoch_seed(7, 3, "augment", rank=0) == epoch_seed(7, 3, "augment")
+    seeds = [epoch_seed(s, e, k, r) for s in range(4) for e in range(4) for k in STREAMS for r in range(3)]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_the_ranks_cut_each_global_batch_into_contiguous_shares():
+    images = torch.arange(10 * 2 * 2, dtype=torch.uint8).reshape(10, 2, 2, 1).numpy()
+    labels = torch.arange(10).numpy()
+    cpu = torch.device("cpu")
+    whole = [y for _, y in DeviceData(images, labels, cpu).shuffled(4, seed=3, epoch=1)]
+    shares = [[y for _, y in DeviceData(images, labels, cpu, (r, 2)).shuffled(4, seed=3, epoch=1)] for r in (0, 1)]
+    assert len(whole) == 2  # the last partial batch dropped, as on one process
+    for batch, first, second in zip(whole, *shares, strict=True):
+        assert torch.equal(batch, torch.cat([first, second]))
+    (resumed,) = [y for _, y in DeviceData(images, labels, cpu, (1, 2)).shuffled(4, seed=3, epoch=1, start=1)]
+    assert torch.equal(resumed, shares[1][1])  # a resumed epoch starts at the same global batch
 
 
 def test_per_rank_config_checks_are_one_line():

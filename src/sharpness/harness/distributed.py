@@ -90,9 +90,6 @@ class World:
     def parallel(self) -> bool:
         return self.size > 1
 
-    def describe(self) -> str:
-        return f"{self.size} ranks ({self.backend})" if self.parallel else "1 process"
-
 
 _FLAGS_GROUP: list[Any] = []  # created once per process, by every rank in the same order
 
@@ -231,8 +228,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: W
 def rank_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, world: World, config: TrainConfig, per_replica: bool
 ) -> dict[str, Any] | None:
-    """This rank's own optimizer state, where it is not rank 0's: the shards under FSDP (as plain local tensors,
-    :func:`portable`), every rank's state under ``per_replica`` for :data:`LOCAL_OPTIMIZER_STATE`'s methods."""
+    """What this rank's entry of a checkpoint holds of the optimizer: under FSDP every rank's shards (as plain local
+    tensors, :func:`portable`); under ``per_replica`` the state of :data:`LOCAL_OPTIMIZER_STATE`'s methods on the
+    ranks other than 0 (whose state is the checkpoint's top-level one); otherwise nothing."""
     if _fsdp(model):
         return portable(optimizer.state_dict())
     if world.rank and per_replica and config.method in LOCAL_OPTIMIZER_STATE:
@@ -354,7 +352,7 @@ def on_main(fn: Callable[[], T], world: World) -> T:
             result = fn()
         except Exception as exc:  # sent to the others, then raised here too
             error = exc
-    payload = broadcast((result, _portable(error)), world)
+    payload = broadcast((result, _picklable(error)), world)
     if error is not None:
         raise error
     if payload[1] is not None:
@@ -362,7 +360,7 @@ def on_main(fn: Callable[[], T], world: World) -> T:
     return payload[0]
 
 
-def _portable(error: BaseException | None) -> BaseException | None:
+def _picklable(error: BaseException | None) -> BaseException | None:
     """``error``, or a RuntimeError with its message if it does not pickle."""
     if error is None:
         return None
