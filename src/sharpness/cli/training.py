@@ -61,12 +61,15 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from sharpness.harness.distributed import is_main_process
     from sharpness.harness.train import train
 
     extra = [f"seed={args.seed}"] if args.seed is not None else []
     config = _load(args, extra)
     out = Path(args.out or Path("runs") / config.name / f"{config.method}-seed{config.seed}")
     for summary in train(config, out, resume=args.resume, progress=_progress(args)):
+        if not is_main_process():  # under torchrun, rank 0 reports for all
+            continue
         m = summary["metrics"]
         print(
             f"{summary['experiment']} {summary['method']} seed {summary['seed']}: test error "
@@ -84,6 +87,7 @@ def _rows(summaries: list[dict], args: argparse.Namespace):
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from sharpness.harness.distributed import is_main_process
     from sharpness.harness.report import collect_summaries, markdown_table, plot_comparison
     from sharpness.harness.train import train
 
@@ -104,7 +108,10 @@ def _compare(args: argparse.Namespace) -> int:
             run_dir = out / f"{tag}-seed{seed}"
             # A finished run is reused and a killed one continued, both only if its config.yaml is this config.
             summary = train(config, run_dir, resume=(run_dir / "config.yaml").exists(), progress=_progress(args))[-1]
-            print(f"{tag} seed {seed}: test error {summary['metrics']['test_error']:.2f}%", file=sys.stderr)
+            if is_main_process():
+                print(f"{tag} seed {seed}: test error {summary['metrics']['test_error']:.2f}%", file=sys.stderr)
+    if not is_main_process():  # under torchrun, rank 0 writes the report
+        return 0
     rows = _rows(collect_summaries([out]), args)
     table = markdown_table(rows, metric=args.metric)
     (out / "report.md").write_text(table + "\n")
@@ -116,6 +123,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _select_rho(args: argparse.Namespace) -> int:
     """The paper's protocol: train SAM for each rho of the grid on 90% of the training set, keep the best on 10%."""
     from sharpness.harness.checkpoint import write_json
+    from sharpness.harness.distributed import is_main_process
     from sharpness.harness.train import train
 
     base = _load(args)
@@ -138,6 +146,8 @@ def _select_rho(args: argparse.Namespace) -> int:
         results.append({"rho": rho, "val_error": summary["metrics"]["val_error"]})
         print(f"rho {rho:g}: validation error {summary['metrics']['val_error']:.2f}%", file=sys.stderr)
     best = min(results, key=lambda r: r["val_error"])
+    if not is_main_process():  # under torchrun, rank 0 writes the selection
+        return 0
     write_json(out / "selection.json", {"grid": results, "best_rho": best["rho"], "val_fraction": args.val_fraction})
     print("| rho | validation error (%) |\n|---:|---:|")
     for r in results:

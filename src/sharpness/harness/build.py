@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import sys
 
 import torch
 from torch import nn
@@ -50,8 +51,10 @@ def build_optimizer(
     kwargs: dict = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "sgd":
         kwargs.update(momentum=config.momentum, nesterov=config.nesterov)
-    device = next(model.parameters()).device
-    if device.type == "cuda":
+    first = next(model.parameters())
+    # FSDP2's DTensor parameters have no fused step (their module is loaded if anything was sharded).
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if first.device.type == "cuda" and not (dtensor is not None and isinstance(first, dtensor)):
         kwargs["fused"] = True  # one kernel for the update, and inf/NaN skips stay on the device
     else:
         kwargs["foreach"] = True
@@ -68,6 +71,7 @@ def build_optimizer(
         model=model,
         max_grad_norm=config.grad_clip,
         grad_scaler=grad_scaler,
+        perturbation=config.perturbation,
         **options,
         **kwargs,
     )

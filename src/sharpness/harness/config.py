@@ -52,6 +52,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "eval_on": ("test", "val"),
     "augment": ("none", "basic", "cutout", "autoaugment"),
     "autoaugment_policy": ("cifar10", "svhn"),
+    "perturbation": ("per_replica", "global"),
+    "distributed": ("ddp", "fsdp"),
 }
 
 
@@ -132,6 +134,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     eval_batch_size: int = 1000
     eval_every: int = 1
+    # data-parallel runs under torchrun (docs/distributed.md); one process ignores both
+    perturbation: str = "per_replica"
+    distributed: str = "ddp"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -177,6 +182,7 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs:g}) must not exceed epochs ({self.epochs})")
         self._validate_milestones()
         self._validate_m_sharpness()
+        self._validate_distributed()
         from sharpness.harness.data.catalog import get_spec
 
         try:
@@ -234,6 +240,21 @@ class TrainConfig:
         if self.second_order:
             raise ConfigError("m_sharpness does not combine with second_order: true")
 
+    def _validate_distributed(self) -> None:
+        """What can be said without knowing the world size (the rest: sharpness.harness.distributed)."""
+        if self.m_sharpness is not None and self.perturbation == "global":
+            raise ConfigError(
+                "m_sharpness needs perturbation: per_replica (global all-reduces the clean pass, so each rank's "
+                "subsets would not be perturbed by their own gradient)"
+            )
+        if self.distributed != "fsdp" or self.method == "sgd":
+            return
+        if self.perturbation == "per_replica":
+            raise ConfigError(
+                "distributed: fsdp needs perturbation: global (each rank holds only part of w, so a per-replica "
+                "perturbation is not defined)"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -269,7 +290,7 @@ CONFIG_HELP: dict[str, str] = {
     "label": "how reports name this run's method, e.g. looksam-alpha0.2 beside looksam (null: the method's name)",
     "optimizer": "base optimizer: sgd, adam or adamw",
     "epochs": "number of training epochs",
-    "batch_size": "training batch size (the last partial batch of an epoch is dropped)",
+    "batch_size": "training batch size, over all ranks under torchrun (the last partial batch of an epoch is dropped)",
     "lr": "peak learning rate",
     "momentum": "SGD momentum",
     "nesterov": "Nesterov momentum (sgd)",
@@ -310,6 +331,10 @@ CONFIG_HELP: dict[str, str] = {
     "cudnn_benchmark": "let cuDNN autotune convolutions (CUDA only; batches have a fixed shape)",
     "eval_batch_size": "batch size of evaluation",
     "eval_every": "evaluate every k epochs (and after the last); metrics.jsonl has the other epochs' training figures",
+    "perturbation": "under torchrun: per_replica (each rank's eps from its own batch, the paper's; m = batch_size / "
+    "ranks) or global (eps from the whole batch)",
+    "distributed": "under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard; needs perturbation: "
+    "global)",
 }
 
 

@@ -20,9 +20,14 @@ def epoch_permutation(num: int, seed: int, epoch: int, device: torch.device) -> 
 
 
 class DeviceData:
-    """Images (uint8, NCHW) and labels (int64) resident on ``device``."""
+    """Images (uint8, NCHW) and labels (int64) resident on ``device``.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device) -> None:
+    ``shard = (rank, world_size)``: :meth:`shuffled` serves this data-parallel rank's share of each batch.
+    """
+
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, device: torch.device, shard: tuple[int, int] = (0, 1)
+    ) -> None:
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"expected uint8 images of shape (N, H, W, C), got {images.dtype} {images.shape}")
         if len(images) != len(labels):
@@ -30,6 +35,7 @@ class DeviceData:
         self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
         self.device = device
+        self.shard = shard
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -38,10 +44,18 @@ class DeviceData:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
     def shuffled(self, batch_size: int, seed: int, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Training batches of epoch ``epoch`` from batch index ``start`` on (the last partial batch is dropped)."""
+        """Training batches of epoch ``epoch`` from batch index ``start`` on (the last partial batch is dropped).
+
+        Sharded, ``batch_size`` is the global batch: every rank cuts the same batches from the same order and
+        keeps its contiguous ``batch_size / world_size`` examples of each, rank 0 the first.
+        """
+        rank, world = self.shard
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} does not divide over {world} ranks")
+        local = batch_size // world
         order = epoch_permutation(len(self), seed, epoch, self.device)
         for i in range(start, self.num_batches(batch_size, drop_last=True)):
-            idx = order[i * batch_size : (i + 1) * batch_size]
+            idx = order[i * batch_size + rank * local : i * batch_size + (rank + 1) * local]
             yield self.images[idx], self.labels[idx]
 
     def in_order(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -11,6 +11,10 @@ GradScaler, counted and reported): without a GradScaler, a step that SAM skips f
 non-finite loss, stops the run with :class:`TrainingDiverged` at the end of its epoch; under fp16's GradScaler
 skipped steps are left out of the epoch's loss and error, counted in ``skipped_steps``, and only an epoch whose
 every step was skipped stops the run. The counters stay on the device and are read once per epoch.
+
+Under ``torchrun`` the run is data-parallel (:mod:`sharpness.harness.distributed`, docs/distributed.md): each rank
+trains on its share of every global batch, rank 0 alone writes the run directory, and the epoch's counters are
+reduced over the ranks before anything is decided from them.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sharpness import ESAM, SAM
+from sharpness.harness import distributed
 from sharpness.harness.augment import build_augmentation
-from sharpness.harness.build import build_optimizer, build_schedule, method_label, resolve_device
+from sharpness.harness.build import build_optimizer, build_schedule, method_label
 from sharpness.harness.config import TrainConfig
 from sharpness.harness.loader import DeviceData
 from sharpness.harness.models import build_model
@@ -50,11 +55,11 @@ class Interrupted(Exception):
     """SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
 
 
-def _seed_epoch(seed: int, epoch: int, aug_gen: torch.Generator) -> None:
-    """Seed torch's global generator (dropout, shake) and the augmentation's for ``epoch``; the batch order has
-    its own stream (:func:`sharpness.harness.loader.epoch_permutation`)."""
-    torch.manual_seed(epoch_seed(seed, epoch, "torch"))
-    aug_gen.manual_seed(epoch_seed(seed, epoch, "augment"))
+def _seed_epoch(seed: int, epoch: int, aug_gen: torch.Generator, rank: int = 0) -> None:
+    """Seed torch's global generator (dropout, shake) and the augmentation's for ``epoch`` on data-parallel rank
+    ``rank``; the batch order has its own stream (:func:`sharpness.harness.loader.epoch_permutation`)."""
+    torch.manual_seed(epoch_seed(seed, epoch, "torch", rank))
+    aug_gen.manual_seed(epoch_seed(seed, epoch, "augment", rank))
 
 
 class Trainer:
@@ -71,9 +76,10 @@ class Trainer:
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
-        self.files = RunDir(self.run_dir)
-        self.progress = sys.stderr.isatty() if progress is None else progress
-        self.device = resolve_device(config.device)
+        self.world = distributed.join(config.device)  # torchrun's process group, if any
+        self.files: RunDir | distributed.SharedRunDir = distributed.shared_run_dir(self.run_dir, self.world, config)
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.world.is_main
+        self.device = self.world.device
         self.method = method_label(config) + method_suffix
         self._train_labels_override = train_labels
         self._stop = False
@@ -81,6 +87,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         cfg, device = self.config, self.device
+        distributed.check_config(cfg, self.world)
         torch.manual_seed(cfg.seed)
         self.data = prepare_data(cfg, self._train_labels_override)
         ds = self.data.dataset
@@ -105,9 +112,16 @@ class Trainer:
         self.model.to(device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.train_set = DeviceData(self.data.train_images, self.data.train_labels, device)
+        shard = (self.world.rank, self.world.size)
+        self.train_set = DeviceData(self.data.train_images, self.data.train_labels, device, shard)
         self.eval_sets = {name: DeviceData(x, y, device) for name, (x, y) in self.data.splits.items()}
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.wrapped = distributed.wrap_model(self.model, self.world, cfg)  # DDP, FSDP or the model itself
+        self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        # Evaluation bypasses DDP, whose forward broadcasts buffers: ranks evaluate different batches.
+        unwrapped = self.wrapped is self.model
+        self.eval_forward = self.forward if unwrapped else torch.compile(self.model) if cfg.compile else self.model
+        # per_replica: each rank's perturbation comes from its own gradient (DDP's no_sync); FSDP has no such pass.
+        self.per_replica = not unwrapped and cfg.perturbation == "per_replica" and cfg.distributed == "ddp"
         self.steps_per_epoch = self.train_set.num_batches(cfg.batch_size, drop_last=True)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self.optimizer = build_optimizer(cfg, self.model, cfg.epochs * self.steps_per_epoch, self.scaler)
@@ -133,6 +147,10 @@ class Trainer:
 
     def _backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _local(self, enabled: bool = True):
+        """Under ``perturbation: per_replica``, a pass whose gradient stays on this rank (``no_sync``)."""
+        return distributed.no_sync(self.wrapped, enabled and self.per_replica)
 
     def _step(self, images: Tensor, labels: Tensor, acc: dict[str, Tensor]) -> None:
         """One update. SAM and its variants run in their manual form (:meth:`_sam_passes`), which GradScaler and
@@ -190,6 +208,10 @@ class Trainer:
           then the clean pass is the only one.
         - MSAM and the random direction perturb before their one pass; ESAM's perturbed pass runs on the examples
           that :meth:`sharpness.ESAM.select` picks.
+
+        Data-parallel with ``perturbation: per_replica``, every pass but the step's last runs under ``no_sync`` (each
+        rank's perturbation from its own gradient, the last pass all-reducing the sum of all): the step's only
+        pass (MSAM's, a step that ``next_step_ascends`` says does not ascend) is all-reduced as any optimizer's.
         """
         opt, cfg = self.optimizer, self.config
         if opt.perturbs_before_pass:
@@ -202,19 +224,23 @@ class Trainer:
         n = labels.numel()
         m = cfg.m_sharpness or n
         subsets = list(zip(x.split(m), labels.split(m), strict=True)) if m < n else [(x, labels)]
+        local = opt.next_step_ascends is not False  # None (AESAM): it averages a step that does not ascend itself
         losses, logits, passes = [], [], 0
         for i, (xs, ys) in enumerate(subsets):
             if i:
                 opt.next_subset()
             share = ys.numel() / n if len(subsets) > 1 else None
-            loss, out = self._loss(xs, ys)
-            self._backward(loss if share is None else loss * share)
+            with self._local(local):
+                loss, out = self._loss(xs, ys)
+                self._backward(loss if share is None else loss * share)
             passes += 1
-            for _ in range(cfg.ascent_steps):
+            for k in range(cfg.ascent_steps):
                 if not opt.first_step(zero_grad=True):
                     break
-                perturbed = self._loss(xs, ys)[0]
-                self._backward(perturbed if share is None else perturbed * share)
+                last = i == len(subsets) - 1 and k == cfg.ascent_steps - 1
+                with self._local(not last):
+                    perturbed = self._loss(xs, ys)[0]
+                    self._backward(perturbed if share is None else perturbed * share)
                 passes += 1
             losses.append(loss if share is None else loss.detach() * share)
             logits.append(out)
@@ -225,8 +251,9 @@ class Trainer:
     def _esam_passes(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int]:
         """ESAM: the clean pass, a forward at w + eps without backward, and the selected examples' pass."""
         opt = self.optimizer
-        losses, logits = self._loss(x, labels, reduction="none")
-        self._backward(losses.mean())
+        with self._local():
+            losses, logits = self._loss(x, labels, reduction="none")
+            self._backward(losses.mean())
         opt.first_step()
         with torch.no_grad():
             sharper = self._loss(x, labels, reduction="none")[0]
@@ -268,6 +295,8 @@ class Trainer:
     def evaluate(self, data: DeviceData | None = None) -> dict[str, float]:
         """Loss and error (%) on ``data`` (default: the clean test set), un-augmented."""
         data = self.eval_sets["test"] if data is None else data
+        if self.world.parallel:
+            return self._evaluate_sharded(data)
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -280,11 +309,39 @@ class Trainer:
         n = len(data)
         return {"loss": loss_sum.item() / n, "error": 100.0 * (1 - correct.item() / n)}
 
+    def _evaluate_sharded(self, data: DeviceData) -> dict[str, float]:
+        """:meth:`evaluate` with the batches dealt round-robin over the ranks: each batch's loss sum and correct
+        count are computed as one process computes them, all-reduced into their slots, and added in batch order,
+        so that every rank gets one process's numbers. Under FSDP, whose forward all-gathers, a rank without a
+        batch in the last round runs one whose result it drops."""
+        size, rank = self.world.size, self.world.rank
+        batches = list(data.in_order(self.config.eval_batch_size))
+        sums = torch.zeros(len(batches), device=self.device)
+        right = torch.zeros(len(batches), dtype=torch.int64, device=self.device)
+        self.model.eval()
+        for first in range(0, len(batches), size):
+            j = first + rank
+            if j >= len(batches) and self.config.distributed != "fsdp":
+                break
+            images, labels = batches[min(j, len(batches) - 1)]
+            with self._autocast():
+                logits = self.eval_forward(self._inputs(images, train=False)).float()
+            if j < len(batches):
+                sums[j] = F.cross_entropy(logits, labels, reduction="sum")
+                right[j] = (logits.argmax(1) == labels).sum()
+        self.model.train()
+        distributed.sum_over_ranks([sums, right], self.world)
+        loss_sum = torch.zeros((), device=self.device)
+        for value in sums:
+            loss_sum += value
+        n = len(data)
+        return {"loss": loss_sum.item() / n, "error": 100.0 * (1 - right.sum().item() / n)}
+
     @torch.no_grad()
     def predict_train_labels(self) -> np.ndarray:
         self.model.eval()
         preds = [
-            self.forward(self._inputs(images, train=False)).argmax(1)
+            self.eval_forward(self._inputs(images, train=False)).argmax(1)
             for images, _ in self.train_set.in_order(self.config.eval_batch_size)
         ]
         self.model.train()
@@ -296,8 +353,8 @@ class Trainer:
             "epoch": epoch,
             "step_in_epoch": step,
             "device_type": self.device.type,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": distributed.model_state(self.model, self.world),
+            "optimizer": distributed.optimizer_state(self.model, self.optimizer, self.world),
             "schedule": self.schedule.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_aug": self.aug_gen.get_state(),
@@ -307,9 +364,29 @@ class Trainer:
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.world.parallel:  # every rank's own generators, counters and buffers; rank 0 writes them
+            state["world_size"] = self.world.size
+            state["ranks"] = distributed.gather(self._rank_state(state, acc), self.world)
         return state
 
+    def _rank_state(self, state: dict[str, Any], acc: dict[str, Tensor]) -> dict[str, Any]:
+        """What differs between the ranks of a data-parallel run, on the CPU."""
+        mine = {key: state[key] for key in ("rng_cpu", "rng_aug", "rng_cuda") if key in state}
+        mine["accumulators"] = {k: v.detach().cpu() for k, v in acc.items()}
+        mine["buffers"] = [b.detach().cpu() for b in self.model.buffers()]
+        own = distributed.rank_optimizer_state(self.model, self.optimizer, self.world, self.config, self.per_replica)
+        if own is not None:
+            mine["optimizer"] = own
+        return mine
+
     def _load_state(self, state: dict[str, Any]) -> tuple[int, int, dict[str, Tensor]]:
+        saved_size = state.get("world_size", 1)
+        if saved_size != self.world.size:
+            raise ValueError(
+                f"--resume: {self.run_dir} was checkpointed by {saved_size} rank(s) and this is {self.world.size}; "
+                f"resume it on {saved_size} (torchrun --nproc_per_node ...): each rank's share of the batch, its "
+                "random streams and per_replica's m depend on the number of ranks"
+            )
         # Checkpoints from before "device_type" was saved hold "rng_cuda" exactly when they were made on CUDA.
         saved_on = state.get("device_type", "cuda" if "rng_cuda" in state else "cpu")
         same_device = saved_on == self.device.type
@@ -319,17 +396,25 @@ class Trainer:
                 f"{state['epoch'] + 1} (after step {state['step_in_epoch']}); resume it on {saved_on} (the device "
                 "may change only at an epoch boundary, where every generator is re-seeded)"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_model_state(self.model, state.get("model"), self.world)
+        if state.get("optimizer") is not None:  # under FSDP each rank's shards are in its entry of "ranks"
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng_cpu"])
+        mine = state["ranks"][self.world.rank] if self.world.parallel else state
+        if self.world.parallel:
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), mine["buffers"], strict=True):
+                    buffer.copy_(saved)
+            if "optimizer" in mine:
+                distributed.load_rank_optimizer_state(self.model, self.optimizer, mine["optimizer"])
+        torch.set_rng_state(mine["rng_cpu"])
         if same_device:  # otherwise the epoch starts afresh and re-seeds the device's generators
-            self.aug_gen.set_state(state["rng_aug"])
-            if "rng_cuda" in state:
-                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+            self.aug_gen.set_state(mine["rng_aug"])
+            if "rng_cuda" in mine:
+                torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        acc = {**self.zero_accumulators(), **{k: v.to(self.device) for k, v in state["accumulators"].items()}}
+        acc = {**self.zero_accumulators(), **{k: v.to(self.device) for k, v in mine["accumulators"].items()}}
         return state["epoch"], state["step_in_epoch"], acc
 
     # ------------------------------------------------------------------ the run
@@ -354,14 +439,14 @@ class Trainer:
             epochs = tqdm(range(start_epoch, cfg.epochs), disable=not self.progress, desc=cfg.name, unit="epoch")
             for epoch in epochs:
                 if start_step == 0:
-                    _seed_epoch(cfg.seed, epoch, self.aug_gen)
+                    _seed_epoch(cfg.seed, epoch, self.aug_gen, self.world.rank)
                 epoch_start, epoch_cpu = time.perf_counter(), time.process_time()
                 self.model.train()
                 for i, (images, labels) in enumerate(
                     self.train_set.shuffled(cfg.batch_size, cfg.seed, epoch, start_step), start=start_step
                 ):
                     self._step(images, labels, acc)
-                    if self._stop:
+                    if distributed.any_rank(self._stop, self.world):  # all ranks stop after the same step
                         self.files.save_checkpoint(self._state(epoch, i + 1, acc))
                         raise Interrupted(
                             f"SIGTERM: checkpoint saved in epoch {epoch + 1} after step {i + 1}; "
@@ -413,9 +498,10 @@ class Trainer:
             )
 
     def _end_epoch(self, epoch: int, acc: dict[str, Tensor], seconds: float, cpu_seconds: float) -> dict[str, Any]:
-        # The epoch's one read of its device counters.
+        # The epoch's one read of its device counters (summed over the ranks of a data-parallel run).
+        counters = distributed.reduce_counters(acc, self.world)
         loss_sum, correct, count, skipped, passes = torch.stack(
-            [acc[k].double() for k in ("loss", "correct", "count", "skipped", "passes")]
+            [counters[k].double() for k in ("loss", "correct", "count", "skipped", "passes")]
         ).tolist()
         count, skipped = int(count), int(skipped)
         self._check_finite(epoch, loss_sum, count, skipped)
@@ -430,6 +516,7 @@ class Trainer:
             "passes_per_step": passes / self.steps_per_epoch,
         }
         if (epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.config.epochs:
+            distributed.broadcast_buffers(self.model, self.world)  # every rank evaluates (and saves) rank 0's model
             for split, data in self.eval_sets.items():
                 evaluation = self.evaluate(data)
                 record[f"{split}_loss"], record[f"{split}_error"] = evaluation["loss"], evaluation["error"]
@@ -464,7 +551,11 @@ class Trainer:
             + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""),
             "config": self.config.to_dict(),
         }
-        self.files.finish(summary, self.model.state_dict())
+        if self.world.parallel:
+            cfg = self.config
+            summary["distributed"] = {"world_size": self.world.size, "backend": self.world.backend}
+            summary["distributed"].update(mode=cfg.distributed, perturbation=cfg.perturbation)
+        self.files.finish(summary, distributed.model_state(self.model, self.world))
         return summary
 
     def _noisy_labels_fitted(self) -> float | None:
@@ -501,14 +592,14 @@ def train(
         return summaries
     bootstrap_dir = run_dir / "bootstrap"
     labels_file = bootstrap_dir / "train_labels.npy"
-    if labels_file.is_file():
-        labels = np.load(labels_file)
-    else:
+    world = first.world
+    labels = distributed.on_main(lambda: np.load(labels_file) if labels_file.is_file() else None, world)
+    if labels is None:
         if "model" not in first.__dict__:
             first._setup()
-            first.model.load_state_dict(torch.load(run_dir / "model.pt", map_location=first.device, weights_only=True))
+            distributed.load_model_file(first.model, run_dir / "model.pt", world)
         labels = first.predict_train_labels()
     second = Trainer(config, bootstrap_dir, progress=progress, train_labels=labels, method_suffix="+bootstrap")
-    resume_second = resume and (bootstrap_dir / "config.yaml").is_file()
+    resume_second = resume and distributed.on_main((bootstrap_dir / "config.yaml").is_file, world)
     summaries.append(second.files.finished_summary(config, resume_second) or second.run(resume=resume_second))
     return summaries
