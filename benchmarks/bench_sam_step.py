@@ -151,6 +151,7 @@ class ManySmall(nn.Module):
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "cnn-small": (lambda: build_model("cnn-small", 10), (3, 32, 32)),
+    "cnn-small-1x28": (lambda: build_model("cnn-small", 10, in_channels=1), (1, 28, 28)),  # Fashion-MNIST's shape
     "resnet20": (lambda: build_model("resnet20", 10), (3, 32, 32)),
     "many-small": (lambda: ManySmall(100, 32), (32,)),
     "wrn-16-8": (lambda: build_model("wrn-16-8", 10), (3, 32, 32)),

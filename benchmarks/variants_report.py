@@ -1,13 +1,15 @@
 """The variants' table and plot of docs/variants.md from ``sharpness compare`` runs: error against cost.
 
 For each experiment folder (one ``sharpness compare ... --methods ...`` output) and method: the test error's mean
-± 95% CI over seeds, the share of noisy labels fitted, the forward-backward passes per step, and the cost relative
-to SGD, the median over seeds of the run's training CPU time divided by SGD's of the same seed (CPU time of the
-training process, so other processes on a shared machine do not count; wall-clock ratios are in the JSON too).
-The gain kept is ``(SGD error - method error) / (SGD error - SAM error)``.
+± 95% CI over seeds, the share of noisy labels fitted, the forward-backward passes per step, the gain kept,
+``(SGD error - method error) / (SGD error - SAM error)`` (where SAM beats SGD), and the cost relative to SGD. The
+cost is the time per step relative to SGD that ``bench_variants.py`` measured (``--bench``: every method alternated
+in one process on the same model and batch shape); without it, the median over seeds of the run's training CPU
+time over SGD's of the same seed, which on a shared machine still moves with the other processes' load (the JSON
+has it, and the wall-clock ratio, in every case).
 
-    python benchmarks/variants_report.py runs/fmnist-noise40 runs/fmnist-clean --png docs/variants.png \
-        --json variants_results.json
+    python benchmarks/variants_report.py runs/fmnist-noise40 runs/fmnist-clean --bench bench.json \
+        --png docs/variants.png --json variants_results.json
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from matplotlib.figure import Figure
 from sharpness.harness.report import collect_summaries, mean_ci
 
 
-def summarise(folder: Path) -> dict[str, Any]:
-    """Per-method figures of one experiment folder."""
+def summarise(folder: Path, bench: dict[str, float] | None = None) -> dict[str, Any]:
+    """Per-method figures of one experiment folder; ``bench`` maps a method to its time per step relative to SGD
+    from ``bench_variants.py`` (the cost then reported), else the runs' CPU-time ratio is."""
     runs: dict[str, dict[int, dict]] = {}
     for s in collect_summaries([folder]):
         runs.setdefault(s["method"], {})[s["seed"]] = s
@@ -51,19 +54,25 @@ def summarise(folder: Path) -> dict[str, Any]:
             "test_error": mean,
             "ci": ci,
             "errors": errors,
+            "cost": bench[_method(method)] if bench else statistics.median(cpu),
             "cost_cpu": statistics.median(cpu),
             "cost_wall": statistics.median(wall),
             "passes_per_step": statistics.mean(s["metrics"]["passes_per_step"] for s in by_seed.values()),
             "noisy_labels_fitted": statistics.mean(fitted) if all(f is not None for f in fitted) else None,
         }
     gap = rows["sgd"]["test_error"] - rows["sam"]["test_error"]
-    for row in rows.values():
-        row["gain_kept"] = (rows["sgd"]["test_error"] - row["test_error"]) / gap if gap else math.nan
+    for row in rows.values():  # meaningless where SAM does not beat SGD
+        row["gain_kept"] = (rows["sgd"]["test_error"] - row["test_error"]) / gap if gap > 0 else math.nan
     experiment = next(iter(next(iter(runs.values())).values()))["experiment"]
     return {"folder": str(folder), "experiment": experiment, "rows": rows}
 
 
 ORDER = ("sgd", "sam", "gsam", "fsam", "vasso", "esam", "looksam", "interval", "stochastic", "aesam", "msam", "random")
+
+
+def _method(label: str) -> str:
+    """The method behind a run's label (``looksam-a0.2`` is LookSAM with other options)."""
+    return label.split("-")[0]
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -80,14 +89,15 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines = [head, rule]
     for m in methods:
         first = next(r["rows"][m] for r in results if m in r["rows"])
-        line = f"| {m} | {first['passes_per_step']:.2f} | {first['cost_cpu']:.2f} |"
+        line = f"| {m} | {first['passes_per_step']:.2f} | {first['cost']:.2f} |"
         for r in results:
             row = r["rows"].get(m)
             if row is None:
                 line += " – | – |"
                 continue
             ci = "" if math.isnan(row["ci"]) else f" ± {row['ci']:.2f}"
-            line += f" {row['test_error']:.2f}{ci} (n={row['n']}) | {row['gain_kept']:+.0%} |"
+            gain = "–" if math.isnan(row["gain_kept"]) else f"{row['gain_kept']:+.0%}"
+            line += f" {row['test_error']:.2f}{ci} (n={row['n']}) | {gain} |"
             if any(x["noisy_labels_fitted"] is not None for x in r["rows"].values()):
                 fitted = row["noisy_labels_fitted"]
                 line += f" {fitted:.1f} |" if fitted is not None else " – |"
@@ -101,17 +111,15 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax = fig.add_subplot(1, len(results), k + 1)
         for method, row in r["rows"].items():
             ax.errorbar(
-                row["cost_cpu"],
+                row["cost"],
                 row["test_error"],
                 yerr=0 if math.isnan(row["ci"]) else row["ci"],
                 fmt="o",
                 capsize=3,
                 color="C3" if method in ("sgd", "sam") else "C0",
             )
-            ax.annotate(
-                method, (row["cost_cpu"], row["test_error"]), textcoords="offset points", xytext=(4, 3), fontsize=8
-            )
-        ax.set_xlabel("training cost relative to SGD (CPU time)")
+            ax.annotate(method, (row["cost"], row["test_error"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        ax.set_xlabel("time per step relative to SGD")
         ax.set_ylabel("test error (%), mean and 95% CI")
         ax.set_title(r["experiment"])
         ax.grid(alpha=0.3)
@@ -125,8 +133,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("folders", nargs="+", type=Path, help="sharpness compare output folders")
     parser.add_argument("--png", type=Path, help="error-against-cost plot")
     parser.add_argument("--json", type=Path, help="all figures as JSON")
+    parser.add_argument("--bench", type=Path, help="a bench_variants.py JSON: its time per step vs SGD is the cost")
+    parser.add_argument("--bench-model", default="cnn-small-1x28", help="the model of --bench to read")
     args = parser.parse_args(argv)
-    results = [summarise(folder) for folder in args.folders]
+    bench = None
+    if args.bench:
+        found = json.loads(args.bench.read_text())["results"]
+        (model,) = [r for r in found if r["model"] == args.bench_model]
+        bench = {row["method"]: row["time_vs_sgd"] for row in model["rows"]}
+    results = [summarise(folder, bench) for folder in args.folders]
     print(markdown(results), end="")
     if args.png:
         plot(results, args.png)

@@ -260,3 +260,9 @@ def test_variants_report_computes_the_gain_kept_and_the_cost(tmp_path):
     assert rows["sam"]["cost_wall"] == 2.0 and rows["sgd"]["gain_kept"] == 0.0
     assert "| looksam | 1.20 | 1.20 | 23.50 ± " in done.stdout and "| +70% |" in done.stdout
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    bench = tmp_path / "bench.json"
+    rows = [{"method": m, "time_vs_sgd": t} for m, t in (("sgd", 1.0), ("sam", 1.9), ("looksam", 1.25))]
+    bench.write_text(json.dumps({"results": [{"model": "cnn-small-1x28", "rows": rows}]}))
+    done = _run("variants_report.py", str(tmp_path / "noise"), "--bench", str(bench))
+    assert done.returncode == 0, done.stderr
+    assert "| looksam | 1.20 | 1.25 | 23.50 ± " in done.stdout and "| sam | 2.00 | 1.90 |" in done.stdout
