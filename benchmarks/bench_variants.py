@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from sharpness import ESAM
 from sharpness.harness.build import build_optimizer
-from sharpness.harness.config import METHOD_NAMES, TrainConfig
+from sharpness.harness.config import METHOD_NAMES, TrainConfig, apply_overrides
 
 from bench_sam_step import MODELS, quartiles
 from provenance import run_info
@@ -38,10 +38,18 @@ from provenance import run_info
 class Runner:
     """One method's model copy, optimizer, closure and pass counters."""
 
-    def __init__(self, method: str, template: nn.Module, batches: list[tuple[Tensor, Tensor]], steps: int) -> None:
+    def __init__(
+        self,
+        method: str,
+        template: nn.Module,
+        batches: list[tuple[Tensor, Tensor]],
+        steps: int,
+        overrides: list[str] = (),
+    ) -> None:
         self.method = method
         self.model = copy.deepcopy(template).train()
         config = TrainConfig(method=method, lr=0.01, momentum=0.9, weight_decay=5e-4, device="cpu")
+        config = apply_overrides(config, list(overrides))
         self.opt = build_optimizer(config, self.model, total_steps=steps)
         self.batches, self.i = batches, 0
         self.forwards = self.backwards = self.steps = 0
@@ -95,12 +103,15 @@ def bench_model(name: str, args, device: torch.device) -> dict[str, Any]:
     ]
     total = args.warmup + args.rounds * args.steps
     runners = {m: Runner(m, template, batches, total) for m in args.methods}
+    for label, (method, overrides) in args.variants.items():
+        runners[label] = Runner(method, template, batches, total, overrides)
+    methods = [*args.methods, *args.variants]
     for runner in runners.values():
         for _ in range(args.warmup):
             runner.step()
         runner.forwards = runner.backwards = runner.steps = 0
-    samples: dict[str, list[float]] = {m: [] for m in args.methods}
-    order = list(args.methods)
+    samples: dict[str, list[float]] = {m: [] for m in methods}
+    order = list(methods)
     for r in range(args.rounds):
         k = r % len(order)
         for m in order[k:] + order[:k]:
@@ -114,7 +125,7 @@ def bench_model(name: str, args, device: torch.device) -> dict[str, Any]:
             now = time.perf_counter() if args.clock == "wall" else time.thread_time()
             samples[m].append((now - start) * 1e3 / args.steps)
     rows = []
-    for m in args.methods:
+    for m in methods:
         q1, med, q3 = quartiles(samples[m])
         runner = runners[m]
         row = {
@@ -139,6 +150,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS), help="default: cnn-small, resnet20")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE,...",
+        help="also a method with other options, named LABEL (its method is LABEL's part before '-'), e.g. "
+        "interval-k4:interval_k=4 (repeatable)",
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=10, help="timed samples per method (default 10)")
     parser.add_argument("--steps", type=int, default=10, help="steps per sample (default 10: the schedules' cycles)")
@@ -148,6 +167,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clock", choices=["wall", "cpu"], default=None, help="default: cpu with 1 CPU thread")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    args.variants = {}
+    for spec in args.variant:
+        label, _, options = spec.partition(":")
+        method = label.split("-")[0]
+        if method not in METHOD_NAMES or not options:
+            parser.error(f"--variant {spec}: expected LABEL:KEY=VALUE,... with LABEL starting with a method name")
+        args.variants[label] = (method, [f"method={method}", *options.split(",")])
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -178,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = {
         **info,
         "device": str(device),
-        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "variants")},
         "results": results,
     }
     if args.json:

@@ -222,14 +222,24 @@ def test_bench_variants_runs_and_counts_passes(tmp_path):
         "interval",
         "esam",
         "msam",
+        "--variant",
+        "interval-k5:interval_k=5",
         "--json",
         str(out),
     )
     assert done.returncode == 0, done.stderr
     rows = {row["method"]: row for row in json.loads(out.read_text())["results"][0]["rows"]}
-    assert list(rows) == ["sgd", "sam", "looksam", "interval", "esam", "msam"]
+    assert list(rows) == ["sgd", "sam", "looksam", "interval", "esam", "msam", "interval-k5"]
     backwards = {m: row["backwards_per_step"] for m, row in rows.items()}
-    assert backwards == {"sgd": 1.0, "sam": 2.0, "looksam": 1.2, "interval": 1.5, "esam": 2.0, "msam": 1.0}
+    assert backwards == {
+        "sgd": 1.0,
+        "sam": 2.0,
+        "looksam": 1.2,
+        "interval": 1.5,
+        "esam": 2.0,
+        "msam": 1.0,
+        "interval-k5": 1.2,
+    }
     assert rows["esam"]["forwards_per_step"] == 3.0 and rows["sgd"]["time_vs_sgd"] == 1.0
 
 
@@ -252,6 +262,8 @@ def test_variants_report_computes_the_gain_kept_and_the_cost(tmp_path):
         summary("noise", "sgd", seed, 30.0 + seed, 10.0)
         summary("noise", "sam", seed, 20.0 + seed, 20.0)
         summary("noise", "looksam", seed, 23.0 + seed, 12.0)
+        summary("noise", "looksam-a0.2", seed, 25.0 + seed, 12.0)
+        summary("noise", "interval-k4", seed, 25.0 + seed, 12.5)
     out = tmp_path / "r.json"
     done = _run("variants_report.py", str(tmp_path / "noise"), "--png", str(tmp_path / "r.png"), "--json", str(out))
     assert done.returncode == 0, done.stderr
@@ -261,8 +273,11 @@ def test_variants_report_computes_the_gain_kept_and_the_cost(tmp_path):
     assert "| looksam | 1.20 | 1.20 | 23.50 ± " in done.stdout and "| +70% |" in done.stdout
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     bench = tmp_path / "bench.json"
-    rows = [{"method": m, "time_vs_sgd": t} for m, t in (("sgd", 1.0), ("sam", 1.9), ("looksam", 1.25))]
+    bench_rows = (("sgd", 1.0), ("sam", 1.9), ("looksam", 1.25), ("interval", 1.45), ("interval-k4", 1.2))
+    rows = [{"method": m, "time_vs_sgd": t} for m, t in bench_rows]
     bench.write_text(json.dumps({"results": [{"model": "cnn-small-1x28", "rows": rows}]}))
     done = _run("variants_report.py", str(tmp_path / "noise"), "--bench", str(bench))
     assert done.returncode == 0, done.stderr
     assert "| looksam | 1.20 | 1.25 | 23.50 ± " in done.stdout and "| sam | 2.00 | 1.90 |" in done.stdout
+    # A labelled run costs what the bench measured under its label, else what its method's defaults cost.
+    assert "| interval-k4 | 1.25 | 1.20 |" in done.stdout and "| looksam-a0.2 | 1.20 | 1.25 |" in done.stdout
