@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -328,3 +330,45 @@ def test_a_crash_after_an_epoch_then_resume_is_bit_identical(dropout_reference, 
     monkeypatch.setattr(Trainer, "_step", original)
     train(load_config(str(cfg), ["loader_workers=0"]), out, resume=True, progress=False)
     _assert_same_run(reference, out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_stream_their_shares_and_evaluate_every_image_once(folder: Path, tmp_path: Path, mode: str) -> None:
+    """Under torchrun (2 gloo ranks) each rank decodes its half of every batch and of the test set; the summed
+    counts are one process's evaluation of the saved model. Under FSDP the test set has 11 images, so rank 1 has
+    one evaluation batch fewer and runs a blank forward to keep FSDP's all-gathers in step."""
+    changes: dict = {"epochs": 1, "loader_workers": 1}
+    if mode == "fsdp":
+        shutil.copytree(folder, tmp_path / "data")
+        folder = tmp_path / "data"
+        (folder / "val" / "ant" / "ant_0.jpg").unlink()
+        changes.update(distributed="fsdp", perturbation="global")
+    cfg = _config(tmp_path / "cfg.yaml", folder, **changes)
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+    launcher += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run(
+        [*launcher, "-m", "sharpness", "train", str(cfg), "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distributed"]["world_size"] == 2 and summary["classes"] == sorted(CLASSES)
+    trainer = Trainer(load_config(str(cfg)), tmp_path / "unused", progress=False)
+    trainer._setup()
+    trainer.model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    alone = trainer.evaluate()
+    metrics = summary["metrics"]
+    assert metrics["test_error"] == alone["error"] and metrics["test_top5_error"] == alone["top5_error"]
+    assert metrics["test_loss"] == pytest.approx(alone["loss"], rel=1e-5)

@@ -112,7 +112,9 @@ def _compare(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"label {base.label!r} names the runs of one method; give compare one --methods")
     if args.compute_matched and "sgd" in args.methods:
-        variants.append(("sgd", {"epochs": 2 * base.epochs}))
+        # twice the run's length, in steps where the config counts steps (Table 3's rows)
+        twice = {"train_steps": 2 * base.train_steps} if base.train_steps else {"epochs": 2 * base.epochs}
+        variants.append(("sgd", twice))
     for seed in args.seeds:
         for method, change in variants:
             overrides = [f"method={method}", f"seed={seed}"] + [f"{k}={v}" for k, v in change.items()]

@@ -60,14 +60,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 #: The data set read from an image folder (``data_dir`` holds ``train/`` and ``val/``), streamed through a loader
 #: (:mod:`sharpness.harness.streaming`) rather than held in memory; it has no :class:`DatasetSpec`.
 IMAGEFOLDER = "imagefolder"
-#: The keys of ``dataset: imagefolder`` alone, with their defaults (another data set refuses a changed one).
-_IMAGEFOLDER_KEYS = {
-    "image_size": 224,
-    "eval_resize": 256,
-    "decoder": "pillow",
-    "loader_workers": 8,
-    "labels_file": None,
-}
+#: The keys of ``dataset: imagefolder`` alone (another data set refuses one changed from its default).
+_IMAGEFOLDER_KEYS = ("image_size", "eval_resize", "decoder", "loader_workers", "labels_file")
 
 
 @dataclass
@@ -245,7 +239,8 @@ class TrainConfig:
                 get_spec(self.dataset)
             except ValueError as err:
                 raise ConfigError(f"dataset: {err}") from None
-            changed = [k for k, default in _IMAGEFOLDER_KEYS.items() if getattr(self, k) != default]
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [k for k in _IMAGEFOLDER_KEYS if getattr(self, k) != defaults[k]]
             if changed:
                 raise ConfigError(f"{', '.join(changed)}: options of dataset: {IMAGEFOLDER}, not of {self.dataset}")
             return

@@ -72,10 +72,6 @@ class StreamingData:
     def __len__(self) -> int:
         return len(self.images)
 
-    @property
-    def labels(self) -> Tensor:
-        return torch.from_numpy(self.images.labels)
-
     def num_batches(self, batch_size: int, drop_last: bool) -> int:
         if not drop_last:
             return -(-len(self) // batch_size)
