@@ -24,6 +24,7 @@ from sharpness.harness.config import (
 def test_every_bundled_config_loads_and_validates():
     names = bundled_configs()
     assert len(names) >= 40
+    assert sum(name.startswith(("imagenet_resnet", "finetune_effnet")) for name in names) == 23  # Tables 2 and 3
     for name in names:
         assert isinstance(load_config(name), TrainConfig)
 
@@ -56,6 +57,17 @@ def test_every_bundled_config_loads_and_validates():
         ("fashion_mnist_shake-shake-26-2x96d_basic", dict(model="shake-shake-26-2x96d", lr=0.1, rho=0.02)),
         ("fashion_mnist_shake-shake-26-2x96d_autoaugment", dict(augment="cutout", weight_decay=5e-4, rho=0.02)),
         ("cifar10_wrn16-8_cutout_120ep", dict(model="wrn-16-8", epochs=120, augment="cutout", warmup_epochs=18)),
+        # Table 2 (Section 3.1, Appendix C.1) and Table 3 (Appendix C.2), streamed from image folders
+        (
+            "imagenet_resnet50_100ep",
+            dict(dataset="imagefolder", model="resnet50", batch_size=4096, lr=1.0, weight_decay=1e-4, epochs=100),
+        ),
+        ("imagenet_resnet152_400ep", dict(model="resnet152", epochs=400, label_smoothing=0.1, image_size=224)),
+        (
+            "finetune_effnet-b7_flowers",
+            dict(batch_size=1024, lr=0.016, weight_decay=1e-5, train_steps=5000, freeze_bn_stats=True, image_size=600),
+        ),
+        ("finetune_effnet-l2_food101", dict(batch_size=512, lr=0.008, train_steps=10000)),
     ],
 )
 def test_paper_hyperparameters(name, expected):

@@ -71,24 +71,37 @@ def _train(args: argparse.Namespace) -> int:
         if not is_main_process():  # under torchrun, rank 0 reports for all
             continue
         m = summary["metrics"]
+        top5 = f" (top-5 {m['test_top5_error']:.2f}%)" if "test_top5_error" in m else ""
         print(
             f"{summary['experiment']} {summary['method']} seed {summary['seed']}: test error "
-            f"{m['test_error']:.2f}%, train error {m['train_error']:.2f}% ({summary['seconds']:.0f} s) -> {out}"
+            f"{m['test_error']:.2f}%{top5}, train error {m['train_error']:.2f}% ({summary['seconds']:.0f} s) -> {out}"
         )
     return 0
 
 
-def _rows(summaries: list[dict], args: argparse.Namespace):
+def _rows(summaries: list[dict], args: argparse.Namespace, metric: str | None = None):
     """The report's rows: compute-matched SGD as one best-of-epochs column, the raw ones with --raw."""
     from sharpness.harness.report import aggregate, best_of_epochs
 
-    rows = aggregate(label_epochs(summaries), metric=args.metric)
-    return best_of_epochs(rows, metric=args.metric, raw=args.raw)
+    metric = metric or args.metric
+    rows = aggregate(label_epochs(summaries), metric=metric)
+    return best_of_epochs(rows, metric=metric, raw=args.raw)
+
+
+def _tables(summaries: list[dict], rows, args: argparse.Namespace) -> str:
+    """The metric's table, then the top-5 error's where every run has one (the paper's Table 2 gives both)."""
+    from sharpness.harness.report import companion_metric, markdown_table
+
+    table = markdown_table(rows, metric=args.metric)
+    extra = companion_metric(summaries, args.metric)
+    if extra is None:
+        return table
+    return f"{table}\n{extra}:\n\n{markdown_table(_rows(summaries, args, extra), metric=extra)}"
 
 
 def _compare(args: argparse.Namespace) -> int:
     from sharpness.harness.distributed import is_main_process
-    from sharpness.harness.report import collect_summaries, markdown_table, plot_comparison
+    from sharpness.harness.report import collect_summaries, plot_comparison
     from sharpness.harness.train import train
 
     base = _load(args)
@@ -99,7 +112,9 @@ def _compare(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"label {base.label!r} names the runs of one method; give compare one --methods")
     if args.compute_matched and "sgd" in args.methods:
-        variants.append(("sgd", {"epochs": 2 * base.epochs}))
+        # twice the run's length, in steps where the config counts steps (Table 3's rows)
+        twice = {"train_steps": 2 * base.train_steps} if base.train_steps else {"epochs": 2 * base.epochs}
+        variants.append(("sgd", twice))
     for seed in args.seeds:
         for method, change in variants:
             overrides = [f"method={method}", f"seed={seed}"] + [f"{k}={v}" for k, v in change.items()]
@@ -112,8 +127,9 @@ def _compare(args: argparse.Namespace) -> int:
                 print(f"{tag} seed {seed}: test error {summary['metrics']['test_error']:.2f}%", file=sys.stderr)
     if not is_main_process():  # under torchrun, rank 0 writes the report
         return 0
-    rows = _rows(collect_summaries([out]), args)
-    table = markdown_table(rows, metric=args.metric)
+    summaries = collect_summaries([out])
+    rows = _rows(summaries, args)
+    table = _tables(summaries, rows, args)
     (out / "report.md").write_text(table + "\n")
     plot_comparison(rows, out / "report.png", metric=args.metric)
     print(table)
@@ -158,13 +174,13 @@ def _select_rho(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sharpness.harness.report import collect_summaries, markdown_table, plot_comparison
+    from sharpness.harness.report import collect_summaries, plot_comparison
 
     summaries = collect_summaries(args.paths)
     if not summaries:
         raise FileNotFoundError(f"no summary.json under {', '.join(map(str, args.paths))}")
     rows = _rows(summaries, args)
-    table = markdown_table(rows, metric=args.metric)
+    table = _tables(summaries, rows, args)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")

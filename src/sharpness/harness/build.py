@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import math
 import sys
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,11 +47,19 @@ def build_optimizer(
     """The base optimizer of the config, wrapped in SAM or the variant that ``method`` names.
 
     ``total_steps`` is the run's length (AESAM's threshold schedule), ``grad_scaler`` the fp16 loop's scaler.
+    A finetuning config (:attr:`TrainConfig.finetunes`) gets two groups, the classifier at ``lr`` first (so the
+    schedule's first base rate stays ``lr``) and the rest at ``lr * backbone_lr_scale``, frozen parameters in
+    neither (:func:`sharpness.harness.finetune.param_groups`), so weight decay and momentum leave them unchanged.
     """
     base = _BASES[config.optimizer]
     kwargs: dict = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "sgd":
         kwargs.update(momentum=config.momentum, nesterov=config.nesterov)
+    params: Any = model.parameters()
+    if config.finetunes:
+        from sharpness.harness.finetune import param_groups
+
+        params = param_groups(model, config.lr, config.backbone_lr_scale, head=config.head)
     first = next(model.parameters())
     # FSDP2's DTensor parameters have no fused step (their module is loaded if anything was sharded).
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
@@ -59,10 +68,10 @@ def build_optimizer(
     else:
         kwargs["foreach"] = True
     if config.method == "sgd":
-        return base(model.parameters(), **kwargs)
+        return base(params, **kwargs)
     cls, options = method_options(config, total_steps)
     return cls(
-        model.parameters(),
+        params,
         base,
         rho=config.rho,
         p=config.p,
@@ -81,9 +90,9 @@ def build_schedule(config: TrainConfig, optimizer: Optimizer, steps_per_epoch: i
     """A per-step schedule: linear warm-up, then cosine decay to 0, step decay, or constant.
 
     Step decay multiplies by ``gamma`` at each milestone: a milestone in (0, 1) is that fraction of all steps,
-    one >= 1 that epoch (rounded to a step).
+    one >= 1 that epoch (rounded to a step). The run lasts ``train_steps`` where set, else ``epochs`` epochs.
     """
-    total = max(1, config.epochs * steps_per_epoch)
+    total = max(1, config.epochs * steps_per_epoch if config.train_steps is None else config.train_steps)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     boundaries = sorted(int(round(m * total)) if m < 1 else int(round(m * steps_per_epoch)) for m in config.milestones)
 

@@ -54,7 +54,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "autoaugment_policy": ("cifar10", "svhn"),
     "perturbation": ("per_replica", "global"),
     "distributed": ("ddp", "fsdp"),
+    "decoder": ("pillow", "simplejpeg"),
 }
+
+#: The data set read from an image folder (``data_dir`` holds ``train/`` and ``val/``), streamed through a loader
+#: (:mod:`sharpness.harness.streaming`) rather than held in memory; it has no :class:`DatasetSpec`.
+IMAGEFOLDER = "imagefolder"
+#: The keys of ``dataset: imagefolder`` alone (another data set refuses one changed from its default).
+_IMAGEFOLDER_KEYS = ("image_size", "eval_resize", "decoder", "loader_workers", "labels_file")
 
 
 @dataclass
@@ -81,14 +88,27 @@ class TrainConfig:
     autoaugment_policy: str = "cifar10"
     cutout_size: int = 16
     hflip: bool = True
+    # image folders (dataset: imagefolder)
+    image_size: int = 224
+    eval_resize: int = 256
+    decoder: str = "pillow"
+    loader_workers: int = 8
+    labels_file: str | None = None
     # model
     model: str = "cnn-small"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # finetuning (paper Table 3, Appendix C.2)
+    init_from: str | None = None
+    head: str | None = None
+    freeze: list[str] = field(default_factory=list)
+    freeze_bn_stats: bool = False
+    backbone_lr_scale: float = 1.0
     # optimisation
     method: str = "sam"
     label: str | None = None
     optimizer: str = "sgd"
     epochs: int = 10
+    train_steps: int | None = None
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -134,6 +154,7 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     eval_batch_size: int = 1000
     eval_every: int = 1
+    top5: bool | None = None
     # data-parallel runs under torchrun (docs/distributed.md); one process ignores both
     perturbation: str = "per_replica"
     distributed: str = "ddp"
@@ -149,8 +170,10 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key} must be an integer >= 1; got {value!r}")
-        if self.train_subset is not None and (not isinstance(self.train_subset, int) or self.train_subset < 1):
-            raise ConfigError(f"train_subset must be an integer >= 1 or null; got {self.train_subset!r}")
+        for key in ("train_subset", "train_steps"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{key} must be an integer >= 1 or null; got {value!r}")
         for key in ("lr", "eta"):
             if not _finite(getattr(self, key)) or getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be a number > 0; got {getattr(self, key)!r}")
@@ -178,17 +201,13 @@ class TrainConfig:
             raise ConfigError("bootstrap: true only makes sense with label_noise > 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0; got {self.seed!r}")
-        if self.warmup_epochs > self.epochs:
+        if self.warmup_epochs > self.epochs and self.train_steps is None:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs:g}) must not exceed epochs ({self.epochs})")
         self._validate_milestones()
         self._validate_m_sharpness()
         self._validate_distributed()
-        from sharpness.harness.data.catalog import get_spec
-
-        try:
-            get_spec(self.dataset)
-        except ValueError as err:
-            raise ConfigError(f"dataset: {err}") from None
+        self._validate_data()
+        self._validate_finetune()
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model_kwargs must be a mapping; got {self.model_kwargs!r}")
         from sharpness.harness.models.registry import check_model_options  # torch: imported when validating
@@ -208,8 +227,62 @@ class TrainConfig:
                 f"milestones mixes fractions of training (< 1) and epochs (>= 1): {values!r}; use one kind"
             )
         late = [m for m in values if m >= 1 and m > self.epochs]
-        if late and self.schedule == "step":
+        if late and self.schedule == "step" and self.train_steps is None:
             raise ConfigError(f"milestones {late!r} lie after the last epoch ({self.epochs})")
+
+    def _validate_data(self) -> None:
+        """The data set's keys: a :class:`DatasetSpec` name, or ``imagefolder`` with its loader's options."""
+        if self.dataset != IMAGEFOLDER:
+            from sharpness.harness.data.catalog import get_spec
+
+            try:
+                get_spec(self.dataset)
+            except ValueError as err:
+                raise ConfigError(f"dataset: {err}") from None
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [k for k in _IMAGEFOLDER_KEYS if getattr(self, k) != defaults[k]]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)}: options of dataset: {IMAGEFOLDER}, not of {self.dataset}")
+            return
+        # data_dir may be null in a bundled config (the user's folder is not known): the run checks it.
+        if self.augment != "none":
+            raise ConfigError(
+                f"dataset: {IMAGEFOLDER} needs augment: none (its crops and flips happen in the loader); "
+                f"got {self.augment!r}"
+            )
+        unsupported = [
+            k for k in ("train_subset", "label_noise", "val_fraction", "bootstrap") if getattr(self, k) not in (None, 0)
+        ]
+        if unsupported:
+            raise ConfigError(f"{', '.join(unsupported)}: not available with dataset: {IMAGEFOLDER}")
+        for key in ("image_size", "eval_resize"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} must be an integer >= 1; got {value!r}")
+        if self.eval_resize < self.image_size:
+            raise ConfigError(
+                f"eval_resize ({self.eval_resize}) must be at least image_size ({self.image_size}): evaluation "
+                "resizes the shorter side to eval_resize, then takes the central image_size crop"
+            )
+        if isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            raise ConfigError(f"loader_workers must be an integer >= 0; got {self.loader_workers!r}")
+
+    def _validate_finetune(self) -> None:
+        if not _finite(self.backbone_lr_scale) or self.backbone_lr_scale < 0:
+            raise ConfigError(f"backbone_lr_scale must be a number >= 0; got {self.backbone_lr_scale!r}")
+        if not all(isinstance(p, str) and p for p in self.freeze):
+            raise ConfigError(f"freeze must be a list of glob patterns of parameter names; got {self.freeze!r}")
+
+    @property
+    def finetunes(self) -> bool:
+        """Whether the optimizer gets :func:`sharpness.harness.finetune.param_groups` (head, backbone) rather than
+        all parameters in one group."""
+        return self.init_from is not None or bool(self.freeze) or self.backbone_lr_scale != 1.0
+
+    @property
+    def reports_top5(self) -> bool:
+        """``top5``, where null means: for ``dataset: imagefolder`` (the paper's Table 2 gives both errors)."""
+        return self.dataset == IMAGEFOLDER if self.top5 is None else self.top5
 
     def _validate_method_options(self) -> None:
         """The variant's options, checked by building its optimizer on one tensor (one line on a bad value)."""
@@ -271,8 +344,10 @@ class TrainConfig:
 # One line per key, for ``--help`` and the docs; a test checks that every field has one.
 CONFIG_HELP: dict[str, str] = {
     "name": "experiment name, by which reports group runs (a config file's own name when unset)",
-    "dataset": "cifar10, cifar100, svhn, svhn_extra (train + extra), mnist, fashion_mnist or digits (embedded)",
-    "data_dir": "folder holding the data sets (null: $SHARPNESS_DATA_DIR, else ~/.cache/sharpness/data)",
+    "dataset": "cifar10, cifar100, svhn, svhn_extra (train + extra), mnist, fashion_mnist, digits (embedded), or "
+    "imagefolder (data_dir/train/<class>/*.jpg and data_dir/val/, streamed; docs/harness.md)",
+    "data_dir": "folder holding the data sets (null: $SHARPNESS_DATA_DIR, else ~/.cache/sharpness/data); for "
+    "imagefolder the folder holding train/ and val/ (required)",
     "train_subset": "train on the first N training images only (null: all)",
     "label_noise": "fraction of training labels replaced by another class, chosen from the seed (test stays clean)",
     "noise_kind": "symmetric (a uniformly random other class) or asymmetric (class i -> i + 1)",
@@ -282,14 +357,28 @@ CONFIG_HELP: dict[str, str] = {
     "autoaugment_policy": "AutoAugment policy: cifar10 or svhn",
     "cutout_size": "side of the Cutout square in pixels",
     "hflip": "mirror images horizontally with probability 1/2 in the crop step (false for digits: SVHN)",
-    "model": "wrn-<depth>-<width>, resnet20/32/44/56/110, resnet18, shake-shake-26-2x96d, "
-    "pyramidnet-<depth>-<alpha>[-shakedrop], mlp or cnn-small",
+    "image_size": "imagefolder: side of the training crop (Inception crop) and of the evaluation's central crop",
+    "eval_resize": "imagefolder: evaluation resizes the shorter side to this, then crops the central image_size",
+    "decoder": "imagefolder: JPEG decoder, pillow or simplejpeg (pip install 'sharpness[imagefolder]')",
+    "loader_workers": "imagefolder: decoding processes per rank (0: in the training process)",
+    "labels_file": "imagefolder: ground truth of a flat val/ folder (null: LOC_val_solution.csv or val_labels.txt "
+    "in val/ or data_dir)",
+    "model": "wrn-<depth>-<width>, resnet20/32/44/56/110, resnet18, resnet50/101/152 (ImageNet), "
+    "shake-shake-26-2x96d, pyramidnet-<depth>-<alpha>[-shakedrop], mlp, cnn-small, or package.module:factory "
+    "(your own, on PYTHONPATH)",
     "model_kwargs": "options of the model family, e.g. {width: 8} for cnn-small, {dropout: 0.3} for wrn-*",
+    "init_from": "finetune: start from these weights (a state dict, model.pt, checkpoint.pt or .safetensors), "
+    "the classifier re-initialised if its class count differs",
+    "head": "finetune: name of the classifier module (null: get_classifier() or the last nn.Linear)",
+    "freeze": "finetune: glob patterns of parameter names not to train, e.g. [conv1.*, layer1.*]",
+    "freeze_bn_stats": "finetune: BatchNorm layers normalise with their running statistics and never update them",
+    "backbone_lr_scale": "finetune: learning rate of all but the classifier, as a multiple of lr",
     "method": "sgd (the base optimizer alone), sam, or a variant: gsam, looksam, msam, esam, fsam, vasso, "
     "interval, stochastic, aesam, random (docs/variants.md)",
     "label": "how reports name this run's method, e.g. looksam-alpha0.2 beside looksam (null: the method's name)",
     "optimizer": "base optimizer: sgd, adam or adamw",
     "epochs": "number of training epochs",
+    "train_steps": "number of optimizer steps instead (null: epochs x batches per epoch); the epochs follow",
     "batch_size": "training batch size, over all ranks under torchrun (the last partial batch of an epoch is dropped)",
     "lr": "peak learning rate",
     "momentum": "SGD momentum",
@@ -331,6 +420,7 @@ CONFIG_HELP: dict[str, str] = {
     "cudnn_benchmark": "let cuDNN autotune convolutions (CUDA only; batches have a fixed shape)",
     "eval_batch_size": "batch size of evaluation",
     "eval_every": "evaluate every k epochs (and after the last); metrics.jsonl has the other epochs' training figures",
+    "top5": "also report the top-5 error (test_top5_error) (null: for dataset imagefolder only)",
     "perturbation": "under torchrun: per_replica (each rank's eps from its own batch, the paper's; m = batch_size / "
     "ranks) or global (eps from the whole batch)",
     "distributed": "under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard; needs perturbation: "
@@ -382,11 +472,21 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if str in types and isinstance(value, str):
         return value
     if list in types and isinstance(value, list):
-        return [_coerce(key, v, float) for v in value]
+        return [_coerce(key, v, _item_type(annotation)) for v in value]
     if dict in types and isinstance(value, dict):
         return value
     names = " or ".join(sorted(t.__name__ if t is not type(None) else "null" for t in types))
     raise ConfigError(f"{key} must be {names}; got {value!r}")
+
+
+def _item_type(annotation: Any) -> Any:
+    """The element type of a ``list[...]`` annotation (float where unsaid)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"Any": Any})
+    for arg in get_args(annotation) or (annotation,):
+        if get_origin(arg) is list:
+            return (get_args(arg) or (float,))[0]
+    return (get_args(annotation) or (float,))[0] if get_origin(annotation) is list else float
 
 
 def _types(annotation: Any) -> set[type]:

@@ -22,8 +22,11 @@ def epoch_permutation(num: int, seed: int, epoch: int, device: torch.device) -> 
 class DeviceData:
     """Images (uint8, NCHW) and labels (int64) resident on ``device``.
 
-    ``shard = (rank, world_size)``: :meth:`shuffled` serves this data-parallel rank's share of each batch.
+    ``shard = (rank, world_size)``: :meth:`shuffled` serves this data-parallel rank's share of each batch;
+    :meth:`in_order` serves every rank all of the data (not :attr:`per_rank`, unlike a streamed evaluation set).
     """
+
+    per_rank = False
 
     def __init__(
         self, images: np.ndarray, labels: np.ndarray, device: torch.device, shard: tuple[int, int] = (0, 1)

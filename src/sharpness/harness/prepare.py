@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sharpness.harness.config import TrainConfig
+from sharpness.harness.config import IMAGEFOLDER, TrainConfig
 from sharpness.harness.data import ArrayDataset, load_dataset, noisy_labels, train_val_split
 
 __all__ = ["PreparedData", "prepare_data"]
@@ -47,6 +47,11 @@ class PreparedData:
 def prepare_data(config: TrainConfig, train_labels: np.ndarray | None = None) -> PreparedData:
     """The arrays of ``config``: ``train_subset``, then the seeded ``val_fraction`` hold-out, then label noise on
     the remaining training labels. ``train_labels`` (a bootstrap run's) replaces the labels trained on."""
+    if config.dataset == IMAGEFOLDER:
+        raise ValueError(
+            f"dataset {IMAGEFOLDER} is streamed from its folder by the trainer (sharpness.harness.streaming), not "
+            "loaded into memory; this command needs an in-memory data set"
+        )
     ds = load_dataset(config.dataset, config.data_dir)
     x, y = ds.x_train, ds.y_train
     if config.train_subset is not None:

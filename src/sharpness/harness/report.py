@@ -35,6 +35,7 @@ __all__ = [
     "best_of_epochs",
     "label_epochs",
     "collect_summaries",
+    "companion_metric",
     "markdown_table",
     "mean_ci",
     "plot_comparison",
@@ -127,6 +128,15 @@ def collect_summaries(paths: Sequence[str | Path]) -> list[dict]:
     summary raises ``ValueError`` naming the file.
     """
     return [_load_summary(file) for file in _summary_files(paths)]
+
+
+def companion_metric(summaries: Sequence[dict], metric: str) -> str | None:
+    """The metric a report shows beside ``metric``: the top-5 error beside the (top-1) ``test_error`` where every
+    run recorded one (image-folder runs, ``top5: true``), as the SAM paper's Table 2 gives both; else None."""
+    if metric != "test_error" or not summaries:
+        return None
+    extra = "test_top5_error"
+    return extra if all(s["metrics"].get(extra) is not None for s in summaries) else None
 
 
 def _method_key(method: str) -> tuple[int, str]:

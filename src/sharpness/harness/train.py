@@ -12,6 +12,11 @@ non-finite loss, stops the run with :class:`TrainingDiverged` at the end of its 
 skipped steps are left out of the epoch's loss and error, counted in ``skipped_steps``, and only an epoch whose
 every step was skipped stops the run. The counters stay on the device and are read once per epoch.
 
+``dataset: imagefolder`` streams its batches from disk through loader workers (:mod:`sharpness.harness.streaming`)
+instead of holding them on the device, with the same interface and the same (seed, epoch) rules; ``init_from``,
+``freeze`` and ``freeze_bn_stats`` finetune a pretrained model (:mod:`sharpness.harness.finetune`, the SAM
+paper's Table 3), and ``train_steps`` sets the run's length in optimizer steps.
+
 Under ``torchrun`` the run is data-parallel (:mod:`sharpness.harness.distributed`, docs/distributed.md): each rank
 trains on its share of every global batch, rank 0 alone writes the run directory, and the epoch's counters are
 reduced over the ranks before anything is decided from them.
@@ -20,10 +25,12 @@ reduced over the ranks before anything is decided from them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +44,14 @@ from sharpness import ESAM, SAM
 from sharpness.harness import distributed
 from sharpness.harness.augment import build_augmentation
 from sharpness.harness.build import build_optimizer, build_schedule, method_label
-from sharpness.harness.config import TrainConfig
+from sharpness.harness.config import IMAGEFOLDER, TrainConfig
+from sharpness.harness.finetune import freeze, freeze_bn_stats, load_pretrained
 from sharpness.harness.loader import DeviceData
 from sharpness.harness.models import build_model
 from sharpness.harness.prepare import PreparedData, prepare_data
 from sharpness.harness.rundir import RunDir, RunDirExists
 from sharpness.harness.seeds import epoch_seed
+from sharpness.harness.streaming import ImageFolderData, StreamingData, prepare_imagefolder
 
 __all__ = ["RunDirExists", "TrainingDiverged", "Interrupted", "PreparedData", "prepare_data", "train", "Trainer"]
 
@@ -89,32 +98,44 @@ class Trainer:
         cfg, device = self.config, self.device
         distributed.check_config(cfg, self.world)
         torch.manual_seed(cfg.seed)
-        self.data = prepare_data(cfg, self._train_labels_override)
-        ds = self.data.dataset
-        if len(self.data.train_labels) < cfg.batch_size:
-            raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(self.data.train_labels)} training examples")
+        shard = (self.world.rank, self.world.size)
+        self.data: PreparedData | ImageFolderData
+        if cfg.dataset == IMAGEFOLDER:  # decoded by loader workers: 3 channels, cropped to image_size
+            self.data = prepare_imagefolder(cfg, device, shard)
+            num_classes, in_channels, image_size = self.data.num_classes, 3, cfg.image_size
+            mean, std = self.data.mean, self.data.std
+        else:
+            self.data = prepare_data(cfg, self._train_labels_override)
+            ds = self.data.dataset
+            if len(self.data.train_labels) < cfg.batch_size:
+                raise ValueError(
+                    f"batch_size {cfg.batch_size} exceeds the {len(self.data.train_labels)} training examples"
+                )
+            num_classes, in_channels, image_size = ds.num_classes, ds.x_train.shape[3], ds.x_train.shape[1]
+            mean, std = ds.mean, ds.std
         self.augment = build_augmentation(
             cfg.augment,
-            ds.mean,
-            ds.std,
-            image_size=ds.x_train.shape[1],
+            mean,
+            std,
+            image_size=image_size,
             policy=cfg.autoaugment_policy,
             cutout_size=cfg.cutout_size,
             flip=cfg.hflip,
         ).to(device)
         self.model = build_model(
-            cfg.model,
-            ds.num_classes,
-            in_channels=ds.x_train.shape[3],
-            image_size=ds.x_train.shape[1],
-            **cfg.model_kwargs,
+            cfg.model, num_classes, in_channels=in_channels, image_size=image_size, **cfg.model_kwargs
         )
+        self.finetuned = self._finetune(self.model)
         self.model.to(device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        shard = (self.world.rank, self.world.size)
-        self.train_set = DeviceData(self.data.train_images, self.data.train_labels, device, shard)
-        self.eval_sets = {name: DeviceData(x, y, device) for name, (x, y) in self.data.splits.items()}
+        self.train_set: DeviceData | StreamingData
+        self.eval_sets: dict[str, DeviceData] | dict[str, StreamingData]
+        if isinstance(self.data, ImageFolderData):
+            self.train_set, self.eval_sets = self.data.train_set, self.data.eval_sets
+        else:
+            self.train_set = DeviceData(self.data.train_images, self.data.train_labels, device, shard)
+            self.eval_sets = {name: DeviceData(x, y, device) for name, (x, y) in self.data.splits.items()}
         self.wrapped = distributed.wrap_model(self.model, self.world, cfg)  # DDP, FSDP or the model itself
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         # Evaluation bypasses DDP, whose forward broadcasts buffers: ranks evaluate different batches.
@@ -123,11 +144,45 @@ class Trainer:
         # per_replica: each rank's perturbation comes from its own gradient (DDP's no_sync); FSDP has no such pass.
         self.per_replica = not unwrapped and cfg.perturbation == "per_replica" and cfg.distributed == "ddp"
         self.steps_per_epoch = self.train_set.num_batches(cfg.batch_size, drop_last=True)
+        # train_steps (Table 3's rows are given in steps) sets the length; the last epoch may be partial
+        self.total_steps = cfg.train_steps or cfg.epochs * self.steps_per_epoch
+        self.epochs = -(-self.total_steps // self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-        self.optimizer = build_optimizer(cfg, self.model, cfg.epochs * self.steps_per_epoch, self.scaler)
+        self.optimizer = build_optimizer(cfg, self.model, self.total_steps, self.scaler)
         self.schedule = build_schedule(cfg, self.optimizer, self.steps_per_epoch)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.aug_gen = torch.Generator(device=device)
+
+    def _finetune(self, model: nn.Module) -> dict[str, Any] | None:
+        """The SAM paper's finetuning (Table 3, Appendix C.2), before the model moves to its device: the weights of
+        ``init_from`` except a classifier of another class count, which keeps the fresh initialisation of this
+        run's seed; ``freeze``'s parameters left out of training; with ``freeze_bn_stats`` every BatchNorm layer
+        normalising with its (pretrained) running statistics. Returns what was done, for the summary."""
+        cfg = self.config
+        done: dict[str, Any] = {}
+        if cfg.init_from:
+            loaded = load_pretrained(model, Path(cfg.init_from).expanduser(), head=cfg.head)
+            done.update(
+                init_from=cfg.init_from, loaded=loaded.loaded, head=loaded.head, head_replaced=loaded.head_replaced
+            )
+            if self.world.is_main:
+                print(f"init_from {cfg.init_from}: {loaded.summary()}", file=sys.stderr)
+        if cfg.freeze:
+            done["frozen"] = freeze(model, cfg.freeze)
+        if cfg.freeze_bn_stats:
+            done["bn_stats_frozen"] = len(freeze_bn_stats(model))
+        return done or None
+
+    def _epoch_steps(self, epoch: int) -> int:
+        """Optimizer steps in ``epoch``: all its batches, but in the last epoch of a ``train_steps`` run the rest."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's training batches of ``epoch`` from step ``start`` on, up to the epoch's last step."""
+        cfg = self.config
+        return itertools.islice(
+            self.train_set.shuffled(cfg.batch_size, cfg.seed, epoch, start), self._epoch_steps(epoch) - start
+        )
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -292,22 +347,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, data: DeviceData | None = None) -> dict[str, float]:
-        """Loss and error (%) on ``data`` (default: the clean test set), un-augmented."""
+    def evaluate(self, data: DeviceData | StreamingData | None = None) -> dict[str, float]:
+        """Loss and error (%) on ``data`` (default: the clean test set), un-augmented; with ``top5`` also the
+        top-5 error (``top5_error``). A streamed set gives each rank its share, whose sums are all-reduced."""
         data = self.eval_sets["test"] if data is None else data
-        if self.world.parallel:
+        if self.world.parallel and not data.per_rank:
             return self._evaluate_sharded(data)
+        top5 = self.config.reports_top5
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        correct5 = torch.zeros((), dtype=torch.int64, device=self.device)
         for images, labels in data.in_order(self.config.eval_batch_size):
             with self._autocast():
-                logits = self.forward(self._inputs(images, train=False)).float()
+                logits = self.eval_forward(self._inputs(images, train=False)).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
             correct += (logits.argmax(1) == labels).sum()
+            if top5:
+                correct5 += _top5_correct(logits, labels)
+        if data.per_rank and self.world.parallel:
+            if self.config.distributed == "fsdp":  # FSDP's forward all-gathers: every rank runs as many
+                size = self.config.image_size
+                blank = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=self.device)
+                for _ in range(data.max_local_batches - data.local_batches()):
+                    with self._autocast():
+                        self.eval_forward(self._inputs(blank, train=False))
+            distributed.sum_over_ranks([loss_sum, correct, correct5], self.world)
         self.model.train()
         n = len(data)
-        return {"loss": loss_sum.item() / n, "error": 100.0 * (1 - correct.item() / n)}
+        out = {"loss": loss_sum.item() / n, "error": 100.0 * (1 - correct.item() / n)}
+        if top5:
+            out["top5_error"] = 100.0 * (1 - correct5.item() / n)
+        return out
 
     def _evaluate_sharded(self, data: DeviceData) -> dict[str, float]:
         """:meth:`evaluate` with the batches dealt round-robin over the ranks: each batch's loss sum and correct
@@ -318,6 +389,8 @@ class Trainer:
         batches = list(data.in_order(self.config.eval_batch_size))
         sums = torch.zeros(len(batches), device=self.device)
         right = torch.zeros(len(batches), dtype=torch.int64, device=self.device)
+        right5 = torch.zeros(len(batches), dtype=torch.int64, device=self.device)
+        top5 = self.config.reports_top5
         self.model.eval()
         for first in range(0, len(batches), size):
             j = first + rank
@@ -329,13 +402,18 @@ class Trainer:
             if j < len(batches):
                 sums[j] = F.cross_entropy(logits, labels, reduction="sum")
                 right[j] = (logits.argmax(1) == labels).sum()
+                if top5:
+                    right5[j] = _top5_correct(logits, labels)
         self.model.train()
-        distributed.sum_over_ranks([sums, right], self.world)
+        distributed.sum_over_ranks([sums, right, right5] if top5 else [sums, right], self.world)
         loss_sum = torch.zeros((), device=self.device)
         for value in sums:
             loss_sum += value
         n = len(data)
-        return {"loss": loss_sum.item() / n, "error": 100.0 * (1 - right.sum().item() / n)}
+        out = {"loss": loss_sum.item() / n, "error": 100.0 * (1 - right.sum().item() / n)}
+        if top5:
+            out["top5_error"] = 100.0 * (1 - right5.sum().item() / n)
+        return out
 
     @torch.no_grad()
     def predict_train_labels(self) -> np.ndarray:
@@ -436,15 +514,13 @@ class Trainer:
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         started = time.perf_counter()
         try:
-            epochs = tqdm(range(start_epoch, cfg.epochs), disable=not self.progress, desc=cfg.name, unit="epoch")
+            epochs = tqdm(range(start_epoch, self.epochs), disable=not self.progress, desc=cfg.name, unit="epoch")
             for epoch in epochs:
                 if start_step == 0:
                     _seed_epoch(cfg.seed, epoch, self.aug_gen, self.world.rank)
                 epoch_start, epoch_cpu = time.perf_counter(), time.process_time()
                 self.model.train()
-                for i, (images, labels) in enumerate(
-                    self.train_set.shuffled(cfg.batch_size, cfg.seed, epoch, start_step), start=start_step
-                ):
+                for i, (images, labels) in enumerate(self._batches(epoch, start_step), start=start_step):
                     self._step(images, labels, acc)
                     if distributed.any_rank(self._stop, self.world):  # all ranks stop after the same step
                         self.files.save_checkpoint(self._state(epoch, i + 1, acc))
@@ -476,7 +552,7 @@ class Trainer:
         return schedule.base_lrs[0] * schedule.lr_lambdas[0](schedule.last_epoch - 1)
 
     def _check_finite(self, epoch: int, loss_sum: float, count: int, skipped: int) -> None:
-        cfg, steps = self.config, self.steps_per_epoch
+        cfg, steps = self.config, self._epoch_steps(epoch)
         remedy = f"lower lr (now {cfg.lr:g})" + (f" or rho (now {cfg.rho:g})" if cfg.method != "sgd" else "")
         remedy += ", or set grad_clip" if cfg.grad_clip is None else f", or grad_clip (now {cfg.grad_clip:g})"
         if self.scaler is None:
@@ -513,13 +589,15 @@ class Trainer:
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,  # this process's CPU time: other processes' load does not count
             "skipped_steps": skipped,
-            "passes_per_step": passes / self.steps_per_epoch,
+            "passes_per_step": passes / self._epoch_steps(epoch),
         }
-        if (epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.config.epochs:
+        if (epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.epochs:
             distributed.broadcast_buffers(self.model, self.world)  # every rank evaluates (and saves) rank 0's model
             for split, data in self.eval_sets.items():
                 evaluation = self.evaluate(data)
                 record[f"{split}_loss"], record[f"{split}_error"] = evaluation["loss"], evaluation["error"]
+                if "top5_error" in evaluation:
+                    record[f"{split}_top5_error"] = evaluation["top5_error"]
         self.files.append_metrics(record)
         return record
 
@@ -529,6 +607,8 @@ class Trainer:
         metrics: dict[str, Any] = {}
         for split in self.eval_sets:
             metrics[f"{split}_error"], metrics[f"{split}_loss"] = last[f"{split}_error"], last[f"{split}_loss"]
+            if f"{split}_top5_error" in last:
+                metrics[f"{split}_top5_error"] = last[f"{split}_top5_error"]
         metrics.update(
             train_error=last["train_error"],
             train_loss=last["train_loss"],
@@ -545,12 +625,16 @@ class Trainer:
             "method": self.method,
             "seed": self.config.seed,
             "metrics": metrics,
-            "epochs": self.config.epochs,
+            "epochs": self.epochs,
             "seconds": sum(x["seconds"] for x in lines),
             "device": str(self.device)
             + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""),
             "config": self.config.to_dict(),
         }
+        if isinstance(self.data, ImageFolderData):
+            summary["classes"] = list(self.data.classes)  # label i is classes[i] (the sorted train/ folder names)
+        if self.finetuned is not None:
+            summary["finetune"] = self.finetuned
         if self.world.parallel:
             cfg = self.config
             summary["distributed"] = {"world_size": self.world.size, "backend": self.world.backend}
@@ -569,6 +653,12 @@ class Trainer:
             return None
         predicted = self.predict_train_labels()
         return 100.0 * float(np.mean(predicted[mislabelled] == noisy[mislabelled]))
+
+
+def _top5_correct(logits: Tensor, labels: Tensor) -> Tensor:
+    """How many labels are among their row's 5 largest logits (all of them with fewer than 5 classes)."""
+    k = min(5, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
 
 
 def _main_thread() -> bool:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +87,9 @@ class ImageFolderError(ValueError):
     """The folder layout or a labels file is wrong; the message is one line naming the path."""
 
 
-class ImageReadError(RuntimeError):
-    """An image file could not be read or decoded; the message starts with its path."""
+class ImageReadError(ValueError):
+    """An image file could not be read or decoded; the message starts with its path (a ValueError: bad input data,
+    which the command line reports in one line)."""
 
 
 # ---------------------------------------------------------------------------------------------- file lists
@@ -521,6 +523,13 @@ class ShardSampler(Sampler[int]):
         return iter(range(self.rank, self.num_samples, self.world_size))
 
 
+def _worker_init(worker_id: int) -> None:
+    """Loader workers ignore SIGINT and SIGTERM, which a terminal or ``timeout`` also sends them: the training
+    process decides when to stop (after checkpointing) and shuts its workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: ImageFolderDataset,
     sampler: Sampler,
@@ -531,8 +540,19 @@ def make_loader(
     prefetch_factor: int = 4,
 ) -> DataLoader:
     """A ``DataLoader`` of uint8 NCHW batches from ``workers`` processes (0: in this one), kept alive across
-    epochs; ``batch_size`` is the per-rank one (:attr:`EpochSampler.local_batch_size`)."""
-    extra: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers else {}
+    epochs; ``batch_size`` is the per-rank one (:attr:`EpochSampler.local_batch_size`).
+
+    The loader has a generator of its own: each iteration draws the workers' base seed from it, which would
+    otherwise come from torch's global generator and shift a resumed run's dropout."""
+    extra: dict[str, Any] = {}
+    if workers:
+        extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init}
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory, **extra
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),
+        **extra,
     )
