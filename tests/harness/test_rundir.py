@@ -157,8 +157,8 @@ def test_no_space_left_is_one_line_leaves_no_temporary_file_and_resumes(tmp_path
     assert main(["train", "demo-digits", "--out", str(run), *ONE_SETS]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line == (
-        "sharpness train: error: could not write: No space left on device; free some space there, then run the "
-        "command again (train: with --resume)"
+        f"sharpness train: error: could not write {run / 'checkpoint.pt'}: No space left on device; free some "
+        "space there, then run the command again (train: with --resume)"
     )
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl"], "no checkpoint, no temp file"
     monkeypatch.setattr(torch, "save", save)

@@ -74,23 +74,25 @@ class RunDirError(OSError):
         return self.message
 
 
-def describe_os_error(exc: OSError, action: str) -> str:
-    """One line: ``action`` (``"write"``), the file, the system's reason, and the remedy for its errno."""
-    where = f" {exc.filename}" if exc.filename else ""
+def describe_os_error(exc: OSError, action: str, where: str | Path | None = None) -> str:
+    """One line: ``action`` (``"write"``), the file (the error's, else ``where``), the system's reason, and the
+    remedy for its errno."""
+    where = f" {exc.filename or where}" if exc.filename or where else ""
     reason = exc.strerror or str(exc)
     advice = _ADVICE.get(exc.errno or 0, "check the path, then run the command again")
     return f"could not {action}{where}: {reason}; {advice}"
 
 
 @contextlib.contextmanager
-def _io(action: str) -> Iterator[None]:
-    """Turn an OSError of the block into a :class:`RunDirError` naming ``action``, the file and the remedy."""
+def _io(action: str, where: Path | None = None) -> Iterator[None]:
+    """Turn an OSError of the block into a :class:`RunDirError` naming ``action``, the file (the error's, else
+    ``where``) and the remedy."""
     try:
         yield
     except RunDirError:
         raise
     except OSError as exc:
-        raise RunDirError(describe_os_error(exc, action), exc.errno) from exc
+        raise RunDirError(describe_os_error(exc, action, where), exc.errno) from exc
 
 
 def _holder() -> bytes:
@@ -263,7 +265,7 @@ class RunDir:
         labels_file = self.path / "train_labels.npy"
         text = yaml.safe_dump(config.to_dict(), sort_keys=False).encode()
         try:
-            with _io("write"):
+            with _io("write", self.path):
                 self.path.mkdir(parents=True, exist_ok=True)
                 if train_labels is not None:
                     atomic_write_bytes(labels_file, lambda f: np.save(f, train_labels))
@@ -287,11 +289,11 @@ class RunDir:
         return load_checkpoint(self.checkpoint_file)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        with _io("write"):
+        with _io("write", self.checkpoint_file):
             save_checkpoint(self.checkpoint_file, state)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with _io("write"):
+        with _io("write", self.metrics_file):
             append_jsonl(self.metrics_file, record)
 
     def metrics(self) -> list[dict[str, Any]]:
@@ -327,14 +329,15 @@ class RunDir:
         lines = self._metric_lines(drop_torn=True)
         kept = "".join(line + "\n" for line, record in lines if record["epoch"] <= last_epoch).encode()
         if kept != self.metrics_file.read_bytes():
-            with _io("write"):
+            with _io("write", self.metrics_file):
                 atomic_write_bytes(self.metrics_file, lambda f: f.write(kept))
 
     # ------------------------------------------------------------------ at the end
     def finish(self, summary: dict[str, Any], model_state: dict[str, Any]) -> None:
         """Write ``model.pt``, then ``summary.json`` (which marks the run finished), then ``curves.png``."""
-        with _io("write"):
+        with _io("write", self.path / "model.pt"):
             atomic_write_bytes(self.path / "model.pt", lambda f: torch.save(model_state, f))
+        with _io("write", self.summary_file):
             write_json(self.summary_file, summary)
         self._plot()
 
