@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.harness.test_train import FAST, STEPS, _assert_same_run, _StopsAtStep
 
 from sharpness.cli.main import main
 from sharpness.harness import checkpoint as checkpoint_module
@@ -18,7 +19,6 @@ from sharpness.harness.config import load_config
 from sharpness.harness.data import download as download_module
 from sharpness.harness.rundir import RunDir
 from sharpness.harness.train import Trainer, train
-from tests.harness.test_train import FAST, STEPS, _assert_same_run, _StopsAtStep
 
 ONE = [*FAST, "epochs=1"]
 ONE_SETS = ["--no-progress", *[x for s in ONE for x in ("--set", s)]]

@@ -381,7 +381,12 @@ def test_compare_and_select_rho_refuse_a_busy_run_until_its_owner_is_killed(tmp_
         busy = Path(argv[argv.index("--out") + 1]) / run
         assert "\n" not in err and err.startswith(f"sharpness {argv[0]}: error: {busy} is in use by pid {holder.pid} ")
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
-        "cmp", "cmp/sgd-seed0", "cmp/sgd-seed0/.lock", "rho", "rho/rho0.05", "rho/rho0.05/.lock"
+        "cmp",
+        "cmp/sgd-seed0",
+        "cmp/sgd-seed0/.lock",
+        "rho",
+        "rho/rho0.05",
+        "rho/rho0.05/.lock",
     ], "the refused commands wrote nothing"
     assert not (cmp_out / "report.md").exists() and not (rho_out / "selection.json").exists()
     for holder in holders:

@@ -44,7 +44,16 @@ from sharpness.harness.prepare import PreparedData, prepare_data
 from sharpness.harness.rundir import RunDir, RunDirBusy, RunDirExists
 from sharpness.harness.seeds import epoch_seed
 
-__all__ = ["RunDirExists", "RunDirBusy", "TrainingDiverged", "Interrupted", "PreparedData", "prepare_data", "train", "Trainer"]
+__all__ = [
+    "RunDirExists",
+    "RunDirBusy",
+    "TrainingDiverged",
+    "Interrupted",
+    "PreparedData",
+    "prepare_data",
+    "train",
+    "Trainer",
+]
 
 
 class TrainingDiverged(RuntimeError):
