@@ -216,3 +216,28 @@ def test_a_label_names_one_methods_runs_beside_the_default_ones(tmp_path, capsys
     assert (out / "report.md").read_text().splitlines()[0] == "| Experiment | SGD | LOOKSAM | LOOKSAM-A0.2 |"
     assert main([*base, "--methods", "sam", "sgd", "--set", "label=x"]) == 2
     assert "names the runs of one method" in capsys.readouterr().err
+
+
+def test_demo_trains_and_measures_on_one_thread_and_restores_the_count(tmp_path, monkeypatch):
+    """The demo's digits depend on how reductions split between threads: it fixes one, whatever the machine."""
+    import torch
+
+    from sharpness.cli import demo
+    from sharpness.harness import train as train_module
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise KeyboardInterrupt  # enough: the demo's first run started
+
+    monkeypatch.setattr(train_module, "train", record)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            demo.run_demo(tmp_path, [0])
+        assert seen == [demo.DEMO_THREADS] == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -311,3 +311,125 @@ def test_resume_on_another_device_mid_epoch_is_refused_in_one_line(tmp_path, cap
         "(after step 1); resume it on cuda (the device may change only at an epoch boundary, where every "
         "generator is re-seeded)"
     )
+
+
+def test_sigint_saves_mid_epoch_like_sigterm_and_names_resume(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    proc = _start_paused(out, STEPS + 10, marker)  # held before the 10th step of epoch 2
+    _wait_for(marker, proc)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr  # 128 + SIGINT, as 143 is 128 + SIGTERM
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "sharpness: SIGINT: checkpoint saved in epoch 2 after step 10; continue with the same command "
+        "(train: add --resume)"
+    ]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # the checkpoint SIGTERM's test resumes exactly
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 10)
+
+
+# Holds a run directory's lock as a training process would, until killed.
+_HOLD_LOCK = """
+import sys, time
+from sharpness.harness.rundir import RunDir
+with RunDir(sys.argv[1]).lock():
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_second_train_on_a_busy_run_stops_in_one_line_and_writes_nothing(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    first = _start_paused(out, 5, marker)  # the owner, held inside epoch 1
+    _wait_for(marker, first)
+    before = _snapshot(out)
+    for extra in (["--set", "rho=0.05"],):
+        second = _train_cli(out, *extra)
+        assert second.returncode == 2, second.stderr
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"sharpness train: error: {out} is in use by pid {first.pid} ")
+        assert "train demo-digits --out" in lines[0], "the lock file names the owner's command"
+        assert "choose another --out" in lines[0]
+        assert _snapshot(out) == before, "the refused command wrote into the run"
+    first.send_signal(signal.SIGKILL)  # the OS drops a killed owner's lock
+    first.communicate(timeout=60)
+    resumed = _train_cli(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "summary.json").is_file() and not (out / ".lock").exists()
+
+
+def test_compare_and_select_rho_refuse_a_busy_run_until_its_owner_is_killed(tmp_path, capsys):
+    cmp_out, rho_out = tmp_path / "cmp", tmp_path / "rho"
+    holders = []
+    for run in (cmp_out / "sgd-seed0", rho_out / "rho0.05"):
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], env=_env(), stdout=subprocess.PIPE)
+        assert holder.stdout.readline() == b"locked\n"
+        holders.append(holder)
+    sets = ["--no-progress", *[x for s in [*FAST, "epochs=1"] for x in ("--set", s)]]
+    compare = ["compare", "demo-digits", "--seeds", "0", "--methods", "sgd", "--out", str(cmp_out), *sets]
+    select = ["select-rho", "demo-digits", "--grid", "0.05", "--out", str(rho_out), *sets]
+    for argv, holder, run in ((compare, holders[0], "sgd-seed0"), (select, holders[1], "rho0.05")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        busy = Path(argv[argv.index("--out") + 1]) / run
+        assert "\n" not in err and err.startswith(f"sharpness {argv[0]}: error: {busy} is in use by pid {holder.pid} ")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "cmp",
+        "cmp/sgd-seed0",
+        "cmp/sgd-seed0/.lock",
+        "rho",
+        "rho/rho0.05",
+        "rho/rho0.05/.lock",
+    ], "the refused commands wrote nothing"
+    assert not (cmp_out / "report.md").exists() and not (rho_out / "selection.json").exists()
+    for holder in holders:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert main(compare) == 0 and (cmp_out / "report.md").is_file()
+    assert main(select) == 0 and (rho_out / "selection.json").is_file()
+
+
+def _epochs_logged(run: Path) -> int:
+    try:
+        return (run / "metrics.jsonl").read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def test_kill_9_at_random_instants_then_resume_gives_the_uninterrupted_result(tmp_path, reference_run):
+    """Fault injection: SIGKILL at seeded random instants (in setup, mid-epoch, between an epoch's metrics line
+    and its checkpoint, in the finish), each a random delay after a random epoch's line landed, then resume;
+    the result is bit-identical to an uninterrupted run."""
+    import random
+
+    rng, out, landed = random.Random(8), tmp_path / "run", []
+    sets = [x for s in [*FAST, "method=sam"] for x in ("--set", s)]
+    # Kill i lands once int(p_i) epochs' lines are written, (p_i % 1) * 0.4 s later: ordered, so the run advances.
+    for position in sorted(rng.uniform(0.0, 4.5) for _ in range(3)):
+        resume = ["--resume"] if (out / "config.yaml").exists() else []
+        after, delay = min(int(position), 4), (position % 1) * 0.4
+        proc = subprocess.Popen(
+            _cli("train", "demo-digits", "--out", str(out), *sets, *resume),
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if (out / ".lock").exists() and _epochs_logged(out) >= after:
+                break
+            time.sleep(0.002)
+        time.sleep(delay)
+        proc.kill()
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode in (0, -signal.SIGKILL), stderr.decode()
+        state = torch.load(out / "checkpoint.pt", weights_only=True) if (out / "checkpoint.pt").exists() else None
+        landed.append(None if state is None else (state["epoch"], state["step_in_epoch"]))
+    print("kills landed at (epoch, step) of the latest checkpoint:", landed)
+    resumed = _train_cli(out, *(["--resume"] if (out / "config.yaml").exists() else []))
+    assert resumed.returncode == 0, (landed, resumed.stderr)
+    _assert_same_run(reference_run, out)

@@ -49,11 +49,20 @@ from sharpness.harness.finetune import freeze, freeze_bn_stats, load_pretrained
 from sharpness.harness.loader import DeviceData
 from sharpness.harness.models import build_model
 from sharpness.harness.prepare import PreparedData, prepare_data
-from sharpness.harness.rundir import RunDir, RunDirExists
+from sharpness.harness.rundir import RunDir, RunDirBusy, RunDirExists
 from sharpness.harness.seeds import epoch_seed
 from sharpness.harness.streaming import ImageFolderData, StreamingData, prepare_imagefolder
 
-__all__ = ["RunDirExists", "TrainingDiverged", "Interrupted", "PreparedData", "prepare_data", "train", "Trainer"]
+__all__ = [
+    "RunDirExists",
+    "RunDirBusy",
+    "TrainingDiverged",
+    "Interrupted",
+    "PreparedData",
+    "prepare_data",
+    "train",
+    "Trainer",
+]
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,7 +70,14 @@ class TrainingDiverged(RuntimeError):
 
 
 class Interrupted(Exception):
-    """SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+    """SIGTERM or SIGINT (Ctrl-C) arrived; a checkpoint was saved and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _seed_epoch(seed: int, epoch: int, aug_gen: torch.Generator, rank: int = 0) -> None:
@@ -92,6 +108,7 @@ class Trainer:
         self.method = method_label(config) + method_suffix
         self._train_labels_override = train_labels
         self._stop = False
+        self._signal = signal.SIGTERM  # the stop signal that arrived
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -497,7 +514,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self, resume: bool = False) -> dict[str, Any]:
-        """Train to the end (or until SIGTERM, which raises :class:`Interrupted` after saving)."""
+        """Train to the end (or until SIGTERM or SIGINT, which raise :class:`Interrupted` after saving), owning the
+        run directory's lock throughout."""
+        with self.files.lock():
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         cfg = self.config
         from_checkpoint = self.files.check(cfg, resume)
         self._setup()
@@ -508,7 +530,7 @@ class Trainer:
             self.files.truncate_metrics(start_epoch)
         else:
             self.files.open(cfg, self._train_labels_override)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        previous = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS} if _main_thread() else {}
         benchmark = torch.backends.cudnn.benchmark
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -525,8 +547,9 @@ class Trainer:
                     if distributed.any_rank(self._stop, self.world):  # all ranks stop after the same step
                         self.files.save_checkpoint(self._state(epoch, i + 1, acc))
                         raise Interrupted(
-                            f"SIGTERM: checkpoint saved in epoch {epoch + 1} after step {i + 1}; "
-                            "continue with the same command (train: add --resume)"
+                            f"{self._signal.name}: checkpoint saved in epoch {epoch + 1} after step {i + 1}; "
+                            "continue with the same command (train: add --resume)",
+                            self._signal,
                         )
                 start_step = 0
                 if self.device.type == "cuda":
@@ -539,11 +562,13 @@ class Trainer:
                 self.files.save_checkpoint(self._state(epoch + 1, 0, acc))
         finally:
             torch.backends.cudnn.benchmark = benchmark
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return self._finish(time.perf_counter() - started)
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_stop_signal(self, signum, frame) -> None:
+        """SIGTERM and SIGINT alike: stop after the current step with a checkpoint."""
+        self._signal = signal.Signals(signum)
         self._stop = True
 
     def _last_step_lr(self) -> float:
@@ -677,6 +702,13 @@ def train(
     """
     run_dir = Path(run_dir)
     first = Trainer(config, run_dir, progress=progress)
+    with first.files.lock():  # one owner from the first check to the bootstrap run's end
+        return _train_locked(first, config, run_dir, resume, progress)
+
+
+def _train_locked(
+    first: Trainer, config: TrainConfig, run_dir: Path, resume: bool, progress: bool | None
+) -> list[dict[str, Any]]:
     summaries = [first.files.finished_summary(config, resume) or first.run(resume=resume)]
     if not config.bootstrap:
         return summaries
@@ -691,5 +723,6 @@ def train(
         labels = first.predict_train_labels()
     second = Trainer(config, bootstrap_dir, progress=progress, train_labels=labels, method_suffix="+bootstrap")
     resume_second = resume and distributed.on_main((bootstrap_dir / "config.yaml").is_file, world)
-    summaries.append(second.files.finished_summary(config, resume_second) or second.run(resume=resume_second))
+    with second.files.lock():
+        summaries.append(second.files.finished_summary(config, resume_second) or second.run(resume=resume_second))
     return summaries

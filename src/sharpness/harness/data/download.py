@@ -56,7 +56,10 @@ def _fetch_from_mirrors(remote: RemoteFile, mirrors: tuple[str, ...], target: Pa
             return
         except (urllib.error.URLError, OSError) as error:
             failures.append(f"{url}: {error}")
-    raise OSError(f"could not download {remote.filename}: " + "; ".join(failures))
+    raise OSError(
+        f"could not download {remote.filename}: " + "; ".join(failures) + f"; check the network connection and run "
+        f"again, or copy {remote.filename} into {target.parent} by hand"
+    )
 
 
 def fetch_verified(url: str, target: Path, md5: str) -> Path:
