@@ -328,7 +328,8 @@ def test_a_crash_after_an_epoch_then_resume_is_bit_identical(dropout_reference, 
         train(load_config(str(cfg), ["loader_workers=0"]), out, progress=False)
     assert (torch.load(out / "checkpoint.pt", weights_only=True)["epoch"], len(_metric_lines(out))) == (1, 1)
     monkeypatch.setattr(Trainer, "_step", original)
-    train(load_config(str(cfg), ["loader_workers=0"]), out, resume=True, progress=False)
+    # The worker count may change on resume (rundir.MAY_CHANGE): batches and their order do not depend on it.
+    train(load_config(str(cfg), ["loader_workers=2"]), out, resume=True, progress=False)
     _assert_same_run(reference, out)
 
 

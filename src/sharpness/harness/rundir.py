@@ -38,7 +38,7 @@ from sharpness.harness.config import TrainConfig
 __all__ = ["RunDir", "RunDirExists", "RunDirBusy", "RunDirError", "MAY_CHANGE", "LOCK_NAME", "describe_os_error"]
 
 # Keys a resumed run may change: where the data and the computation are, not what is computed.
-MAY_CHANGE = frozenset({"device", "data_dir", "cudnn_benchmark"})
+MAY_CHANGE = frozenset({"device", "data_dir", "cudnn_benchmark", "loader_workers"})
 LOCK_NAME = ".lock"
 
 # What to do about a failed file operation, by errno.
