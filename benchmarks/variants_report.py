@@ -2,8 +2,8 @@
 
 For each experiment folder (one ``sharpness compare ... --methods ...`` output) and method: the test error's mean
 ± 95% CI over seeds, the share of noisy labels fitted, the forward-backward passes per step, the gain kept,
-``(SGD error - method error) / (SGD error - SAM error)`` (where SAM beats SGD), and the cost relative to SGD. The
-cost is the time per step relative to SGD that ``bench_variants.py`` measured (``--bench``: every method alternated
+``(SGD error - method error) / (SGD error - SAM error)`` (only where SAM clearly beats SGD: their 95% intervals do
+not overlap), and the cost relative to SGD. The cost is the time per step relative to SGD that ``bench_variants.py`` measured (``--bench``: every method alternated
 in one process on the same model and batch shape); without it, the median over seeds of the run's training CPU
 time over SGD's of the same seed, which on a shared machine still moves with the other processes' load (the JSON
 has it, and the wall-clock ratio, in every case).
@@ -60,9 +60,12 @@ def summarise(folder: Path, bench: dict[str, float] | None = None) -> dict[str, 
             "passes_per_step": statistics.mean(s["metrics"]["passes_per_step"] for s in by_seed.values()),
             "noisy_labels_fitted": statistics.mean(fitted) if all(f is not None for f in fitted) else None,
         }
-    gap = rows["sgd"]["test_error"] - rows["sam"]["test_error"]
-    for row in rows.values():  # meaningless where SAM does not beat SGD
-        row["gain_kept"] = (rows["sgd"]["test_error"] - row["test_error"]) / gap if gap > 0 else math.nan
+    sgd_row, sam_row = rows["sgd"], rows["sam"]
+    gap = sgd_row["test_error"] - sam_row["test_error"]
+    # Meaningless where SAM does not clearly beat SGD: their 95% intervals must not overlap (n = 1 has none).
+    clear = sgd_row["test_error"] - sgd_row["ci"] > sam_row["test_error"] + sam_row["ci"]
+    for row in rows.values():
+        row["gain_kept"] = (sgd_row["test_error"] - row["test_error"]) / gap if clear else math.nan
     experiment = next(iter(next(iter(runs.values())).values()))["experiment"]
     return {"folder": str(folder), "experiment": experiment, "rows": rows}
 
@@ -81,7 +84,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
     head = "| method | passes/step | cost vs SGD |"
     rule = "|---|---:|---:|"
     for r in results:
-        head += f" {r['experiment']}: test error % | gain kept |"
+        head += f" {Path(r['folder']).name}: test error % | gain kept |"
         rule += "---:|---:|"
         if any(row["noisy_labels_fitted"] is not None for row in r["rows"].values()):
             head += " noisy labels fitted % |"
@@ -109,19 +112,22 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(5.2 * len(results), 4.2), layout="tight")
     for k, r in enumerate(results):
         ax = fig.add_subplot(1, len(results), k + 1)
+        top = r["rows"]["sgd"]["test_error"] + 8  # a diverged method would squash the others: drawn at the top
         for method, row in r["rows"].items():
+            error, off = min(row["test_error"], top), row["test_error"] > top
             ax.errorbar(
                 row["cost"],
-                row["test_error"],
-                yerr=0 if math.isnan(row["ci"]) else row["ci"],
-                fmt="o",
+                error,
+                yerr=0 if math.isnan(row["ci"]) or off else row["ci"],
+                fmt="^" if off else "o",
                 capsize=3,
                 color="C3" if method in ("sgd", "sam") else "C0",
             )
-            ax.annotate(method, (row["cost"], row["test_error"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+            label = f"{method} ({row['test_error']:.1f}, off the scale)" if off else method
+            ax.annotate(label, (row["cost"], error), textcoords="offset points", xytext=(4, 3), fontsize=8)
         ax.set_xlabel("time per step relative to SGD")
         ax.set_ylabel("test error (%), mean and 95% CI")
-        ax.set_title(r["experiment"])
+        ax.set_title(Path(r["folder"]).name)
         ax.grid(alpha=0.3)
     FigureCanvasAgg(fig)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -259,18 +261,20 @@ def test_variants_report_computes_the_gain_kept_and_the_cost(tmp_path):
         )
 
     for seed in (0, 1):
-        summary("noise", "sgd", seed, 30.0 + seed, 10.0)
-        summary("noise", "sam", seed, 20.0 + seed, 20.0)
-        summary("noise", "looksam", seed, 23.0 + seed, 12.0)
-        summary("noise", "looksam-a0.2", seed, 25.0 + seed, 12.0)
-        summary("noise", "interval-k4", seed, 25.0 + seed, 12.5)
+        summary("noise", "sgd", seed, 30.0 + seed / 10, 10.0)
+        summary("noise", "sam", seed, 20.0 + seed / 10, 20.0)
+        summary("noise", "looksam", seed, 23.0 + seed / 10, 12.0)
+        summary("noise", "looksam-a0.2", seed, 25.0 + seed / 10, 12.0)
+        summary("noise", "interval-k4", seed, 25.0 + seed / 10, 12.5)
+        summary("clean", "sgd", seed, 10.0 + seed, 10.0)  # SAM within SGD's interval: no gain to keep
+        summary("clean", "sam", seed, 9.5 + seed, 20.0)
     out = tmp_path / "r.json"
     done = _run("variants_report.py", str(tmp_path / "noise"), "--png", str(tmp_path / "r.png"), "--json", str(out))
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())[0]["rows"]
-    assert rows["looksam"]["gain_kept"] == 0.7 and rows["looksam"]["cost_cpu"] == 1.2
+    assert rows["looksam"]["gain_kept"] == pytest.approx(0.7) and rows["looksam"]["cost_cpu"] == 1.2
     assert rows["sam"]["cost_wall"] == 2.0 and rows["sgd"]["gain_kept"] == 0.0
-    assert "| looksam | 1.20 | 1.20 | 23.50 ± " in done.stdout and "| +70% |" in done.stdout
+    assert "| looksam | 1.20 | 1.20 | 23.05 ± " in done.stdout and "| +70% |" in done.stdout
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     bench = tmp_path / "bench.json"
     bench_rows = (("sgd", 1.0), ("sam", 1.9), ("looksam", 1.25), ("interval", 1.45), ("interval-k4", 1.2))
@@ -278,6 +282,11 @@ def test_variants_report_computes_the_gain_kept_and_the_cost(tmp_path):
     bench.write_text(json.dumps({"results": [{"model": "cnn-small-1x28", "rows": rows}]}))
     done = _run("variants_report.py", str(tmp_path / "noise"), "--bench", str(bench))
     assert done.returncode == 0, done.stderr
-    assert "| looksam | 1.20 | 1.25 | 23.50 ± " in done.stdout and "| sam | 2.00 | 1.90 |" in done.stdout
+    assert "| looksam | 1.20 | 1.25 | 23.05 ± " in done.stdout and "| sam | 2.00 | 1.90 |" in done.stdout
     # A labelled run costs what the bench measured under its label, else what its method's defaults cost.
     assert "| interval-k4 | 1.25 | 1.20 |" in done.stdout and "| looksam-a0.2 | 1.20 | 1.25 |" in done.stdout
+    done = _run("variants_report.py", str(tmp_path / "noise"), str(tmp_path / "clean"), "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    noise, clean = json.loads(out.read_text())
+    assert noise["rows"]["sam"]["gain_kept"] == 1.0 and math.isnan(clean["rows"]["sam"]["gain_kept"])
+    assert "| noise: test error % | gain kept |" in done.stdout and "| clean: test error % |" in done.stdout
