@@ -4,9 +4,10 @@ For each experiment folder (one ``sharpness compare ... --methods ...`` output) 
 ± 95% CI over seeds, the share of noisy labels fitted, the forward-backward passes per step, the gain kept,
 ``(SGD error - method error) / (SGD error - SAM error)`` (only where SAM clearly beats SGD: their 95% intervals do
 not overlap), and the cost relative to SGD. The cost is the time per step relative to SGD that
-``bench_variants.py`` measured (``--bench``: every method alternated in one process on the same model and batch shape); without it, the median over seeds of the run's training CPU
-time over SGD's of the same seed, which on a shared machine still moves with the other processes' load (the JSON
-has it, and the wall-clock ratio, in every case).
+``bench_variants.py`` measured (``--bench``: every method alternated in one process on the same model and batch
+shape); without it, the median over seeds of the run's training CPU time over SGD's of the same seed, which on a
+shared machine still moves with the other processes' load (the JSON has it, and the wall-clock ratio, in every
+case).
 
     python benchmarks/variants_report.py runs/fmnist-noise40 runs/fmnist-clean --bench bench.json \
         --png docs/variants.png --json variants_results.json
