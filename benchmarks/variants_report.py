@@ -2,8 +2,8 @@
 
 For each experiment folder (one ``sharpness compare ... --methods ...`` output) and method: the test error's mean
 ± 95% CI over seeds, the share of noisy labels fitted, the forward-backward passes per step, the gain kept,
-``(SGD error - method error) / (SGD error - SAM error)`` (only where SAM clearly beats SGD: their 95% intervals do
-not overlap), and the cost relative to SGD. The cost is the time per step relative to SGD that
+``(SGD error - method error) / (SGD error - SAM error)`` (only where SAM clearly beats SGD: the 95% interval of
+the per-seed differences excludes 0), and the cost relative to SGD. The cost is the time per step relative to SGD that
 ``bench_variants.py`` measured (``--bench``: every method alternated in one process on the same model and batch
 shape); without it, the median over seeds of the run's training CPU time over SGD's of the same seed, which on a
 shared machine still moves with the other processes' load (the JSON has it, and the wall-clock ratio, in every
@@ -63,12 +63,17 @@ def summarise(folder: Path, bench: dict[str, float] | None = None) -> dict[str, 
         }
     sgd_row, sam_row = rows["sgd"], rows["sam"]
     gap = sgd_row["test_error"] - sam_row["test_error"]
-    # Meaningless where SAM does not clearly beat SGD: their 95% intervals must not overlap (n = 1 has none).
-    clear = sgd_row["test_error"] - sgd_row["ci"] > sam_row["test_error"] + sam_row["ci"]
+    # Meaningless where SAM does not clearly beat SGD: the 95% interval of their per-seed differences (the runs of
+    # one seed share data, noise and order) must exclude 0; one seed has no interval.
+    diffs = [
+        s["metrics"]["test_error"] - runs["sam"][k]["metrics"]["test_error"] for k, s in sgd.items() if k in runs["sam"]
+    ]
+    diff, diff_ci = mean_ci(diffs)
+    clear = len(diffs) > 1 and diff - diff_ci > 0
     for row in rows.values():
         row["gain_kept"] = (sgd_row["test_error"] - row["test_error"]) / gap if clear else math.nan
     experiment = next(iter(next(iter(runs.values())).values()))["experiment"]
-    return {"folder": str(folder), "experiment": experiment, "rows": rows}
+    return {"folder": str(folder), "experiment": experiment, "rows": rows, "sam_gain": [diff, diff_ci, len(diffs)]}
 
 
 ORDER = ("sgd", "sam", "gsam", "fsam", "vasso", "esam", "looksam", "interval", "stochastic", "aesam", "msam", "random")

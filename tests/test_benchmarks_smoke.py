@@ -266,8 +266,8 @@ def test_variants_report_computes_the_gain_kept_and_the_cost(tmp_path):
         summary("noise", "looksam", seed, 23.0 + seed / 10, 12.0)
         summary("noise", "looksam-a0.2", seed, 25.0 + seed / 10, 12.0)
         summary("noise", "interval-k4", seed, 25.0 + seed / 10, 12.5)
-        summary("clean", "sgd", seed, 10.0 + seed, 10.0)  # SAM within SGD's interval: no gain to keep
-        summary("clean", "sam", seed, 9.5 + seed, 20.0)
+        summary("clean", "sgd", seed, 10.0 + seed, 10.0)  # SAM better on one seed, worse on the other: no gain
+        summary("clean", "sam", seed, 9.5 + 2 * seed, 20.0)
     out = tmp_path / "r.json"
     done = _run("variants_report.py", str(tmp_path / "noise"), "--png", str(tmp_path / "r.png"), "--json", str(out))
     assert done.returncode == 0, done.stderr
