@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tests.harness.test_train import _PAUSE_AT_STEP
 
 from sharpness.cli.main import main
 from sharpness.harness.config import ConfigError, load_config
@@ -237,30 +238,6 @@ def test_a_model_brought_by_import_path_trains_through_sharpness_train(
     state = torch.load(out / "model.pt", weights_only=True)
     assert state["0.weight"].shape == (3, 3, 3, 3) and state["4.weight"].shape == (len(CLASSES), 3)
     assert json.loads((out / "summary.json").read_text())["metrics"]["test_top5_error"] >= 0
-
-
-# `sharpness <args>` with Trainer._step held before global step N until SIGTERM arrives, after writing MARKER.
-_PAUSE_AT_STEP = """
-import sys, time
-from pathlib import Path
-from sharpness.cli.main import main
-from sharpness.harness.train import Trainer
-
-pause_at, marker = int(sys.argv[1]), Path(sys.argv[2])
-original, count = Trainer._step, [0]
-
-def step(self, *args):
-    count[0] += 1
-    if count[0] == pause_at:
-        marker.write_text("paused")
-        deadline = time.time() + 120
-        while not self._stop and time.time() < deadline:
-            time.sleep(0.01)
-    return original(self, *args)
-
-Trainer._step = step
-sys.exit(main(sys.argv[3:]))
-"""
 
 
 @pytest.fixture(scope="module")
