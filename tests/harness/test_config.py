@@ -24,7 +24,7 @@ from sharpness.harness.config import (
 def test_every_bundled_config_loads_and_validates():
     names = bundled_configs()
     assert len(names) >= 40
-    assert sum(name.startswith(("imagenet_resnet", "finetune_effnet")) for name in names) == 23  # Tables 2 and 3
+    assert sum(name.startswith(("imagenet_resnet", "finetune_effnet")) for name in names) == 27  # Tables 2 and 3
     for name in names:
         assert isinstance(load_config(name), TrainConfig)
 

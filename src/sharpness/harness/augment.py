@@ -54,6 +54,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from kornia.augmentation.auto.autoaugment.autoaugment import cifar10_policy, svhn_policy
 from torch import Tensor, nn
 
@@ -347,8 +348,10 @@ class Augmentation(nn.Module):
     """A training-batch augmentation pipeline; build one with :func:`build_augmentation`.
 
     ``forward`` takes a uint8 NCHW batch and returns the augmented, normalised float32 batch;
-    :meth:`normalize` is the evaluation path (no augmentation). Move it with ``.to(device)`` like any
-    module; ``generator`` may live on the batch's device (no copies) or on the CPU.
+    :meth:`normalize` is the evaluation path (no augmentation). With ``output_size`` both end by resizing the
+    normalised batch to ``output_size`` x ``output_size`` (bilinear, as a pretrained model's resolution asks: CIFAR
+    finetuned at 600 pixels, the SAM paper's Table 3). Move it with ``.to(device)`` like any module;
+    ``generator`` may live on the batch's device (no copies) or on the CPU.
     """
 
     def __init__(
@@ -360,6 +363,7 @@ class Augmentation(nn.Module):
         flip: bool = True,
         cutout_size: int = 0,
         policy: AutoAugmentPolicy | None = None,
+        output_size: int | None = None,
     ) -> None:
         super().__init__()
         if len(mean) != len(std):
@@ -370,10 +374,17 @@ class Augmentation(nn.Module):
         self.flip = flip
         self.cutout_size = cutout_size
         self.policy = policy
+        self.output_size = output_size
 
     def normalize(self, x_uint8_nchw: Tensor) -> Tensor:
-        """``(x / 255 - mean) / std`` as float32, no augmentation (also takes float pixels in [0, 255])."""
-        return (x_uint8_nchw.float() / 255 - self.mean) / self.std
+        """``(x / 255 - mean) / std`` as float32, no augmentation (also takes float pixels in [0, 255]), resized
+        to ``output_size`` where set."""
+        return self._resize((x_uint8_nchw.float() / 255 - self.mean) / self.std)
+
+    def _resize(self, x: Tensor) -> Tensor:
+        if self.output_size is None or x.shape[-2:] == (self.output_size, self.output_size):
+            return x
+        return F.interpolate(x, size=(self.output_size, self.output_size), mode="bilinear", align_corners=False)
 
     def forward(self, x_uint8_nchw: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Augment and normalise a uint8 NCHW batch; draws from ``generator`` (default: the global RNG)."""
@@ -384,10 +395,10 @@ class Augmentation(nn.Module):
             x = self.policy(x.float(), generator)
         if self.pad > 0:
             x = random_crop_flip(x, self.pad, generator, flip=self.flip)
-        x = self.normalize(x)
+        x = (x.float() / 255 - self.mean) / self.std
         if self.cutout_size > 0:
             x = cutout(x, self.cutout_size, generator)
-        return x
+        return self._resize(x)
 
 
 def build_augmentation(
@@ -399,22 +410,25 @@ def build_augmentation(
     policy: str = "cifar10",
     cutout_size: int = 16,
     flip: bool = True,
+    output_size: int | None = None,
 ) -> Augmentation:
     """Build the pipeline ``name`` (one of :data:`AUGMENTATIONS`) for ``image_size`` square images.
 
     ``mean`` and ``std`` are per-channel, for pixel values scaled to [0, 1]. ``policy`` is the AutoAugment
     policy (``"cifar10"`` or ``"svhn"``); ``cutout_size`` the Cutout square's side; ``flip=False`` leaves out
-    the horizontal flip of the crop step.
+    the horizontal flip of the crop step; ``output_size`` resizes the result (see :class:`Augmentation`).
     """
     if name not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {name!r}; expected one of {AUGMENTATIONS}")
     if name == "none":
-        return Augmentation(mean, std)
+        return Augmentation(mean, std, output_size=output_size)
     pad = crop_padding(image_size)
     if name == "basic":
-        return Augmentation(mean, std, pad=pad, flip=flip)
+        return Augmentation(mean, std, pad=pad, flip=flip, output_size=output_size)
     if name == "cutout":
-        return Augmentation(mean, std, pad=pad, flip=flip, cutout_size=cutout_size)
+        return Augmentation(mean, std, pad=pad, flip=flip, cutout_size=cutout_size, output_size=output_size)
     fill = [255 * m for m in mean]
     policy_ops = AutoAugmentPolicy(policy, image_size, fill)
-    return Augmentation(mean, std, pad=pad, flip=flip, cutout_size=cutout_size, policy=policy_ops)
+    return Augmentation(
+        mean, std, pad=pad, flip=flip, cutout_size=cutout_size, policy=policy_ops, output_size=output_size
+    )

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sharpness.harness.config import IMAGEFOLDER, TrainConfig
+from sharpness.harness.config import IMAGEFOLDER, ConfigError, TrainConfig
 from sharpness.harness.data import ArrayDataset, load_dataset, noisy_labels, train_val_split
+from sharpness.harness.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["PreparedData", "prepare_data"]
+__all__ = ["PreparedData", "prepare_data", "input_statistics"]
 
 
 @dataclass
@@ -83,3 +84,14 @@ def prepare_data(config: TrainConfig, train_labels: np.ndarray | None = None) ->
         test_labels=ds.y_test,
         eval_split="val" if config.eval_on == "val" else "test",
     )
+
+
+def input_statistics(config: TrainConfig, dataset: ArrayDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean and std the run normalises with: the data set's own, or with ``normalization:
+    imagenet`` ImageNet's (what an ImageNet-pretrained model was trained on)."""
+    if config.normalization == "dataset":
+        return tuple(dataset.mean), tuple(dataset.std)
+    channels = dataset.x_train.shape[3]
+    if channels != 3:
+        raise ConfigError(f"normalization: imagenet needs RGB images; {config.dataset} has {channels} channel(s)")
+    return IMAGENET_MEAN, IMAGENET_STD

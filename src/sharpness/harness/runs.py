@@ -16,7 +16,7 @@ from sharpness.harness.build import resolve_device
 from sharpness.harness.checkpoint import load_checkpoint
 from sharpness.harness.config import TrainConfig
 from sharpness.harness.models import build_model
-from sharpness.harness.prepare import PreparedData, prepare_data
+from sharpness.harness.prepare import PreparedData, input_statistics, prepare_data
 
 __all__ = ["LoadedRun", "load_run", "cross_entropy_loss"]
 
@@ -92,7 +92,7 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str | Path | No
         config.model,
         ds.num_classes,
         in_channels=ds.x_train.shape[3],
-        image_size=ds.x_train.shape[1],
+        image_size=config.upscale_to or ds.x_train.shape[1],
         **config.model_kwargs,
     )
     if weights is None:
@@ -109,5 +109,8 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str | Path | No
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{weights}: not weights of this run's model ({first})") from exc
     model.to(dev).eval()
-    augment = build_augmentation("none", ds.mean, ds.std, image_size=ds.x_train.shape[1]).to(dev)
+    mean, std = input_statistics(config, ds)
+    augment = build_augmentation("none", mean, std, image_size=ds.x_train.shape[1], output_size=config.upscale_to).to(
+        dev
+    )
     return LoadedRun(run_dir, config, model, data, augment, dev, weights)

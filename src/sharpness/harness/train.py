@@ -48,7 +48,7 @@ from sharpness.harness.config import IMAGEFOLDER, TrainConfig
 from sharpness.harness.finetune import freeze, freeze_bn_stats, load_pretrained
 from sharpness.harness.loader import DeviceData
 from sharpness.harness.models import build_model
-from sharpness.harness.prepare import PreparedData, prepare_data
+from sharpness.harness.prepare import PreparedData, input_statistics, prepare_data
 from sharpness.harness.rundir import RunDir, RunDirBusy, RunDirExists
 from sharpness.harness.seeds import epoch_seed
 from sharpness.harness.streaming import ImageFolderData, StreamingData, prepare_imagefolder
@@ -129,7 +129,7 @@ class Trainer:
                     f"batch_size {cfg.batch_size} exceeds the {len(self.data.train_labels)} training examples"
                 )
             num_classes, in_channels, image_size = ds.num_classes, ds.x_train.shape[3], ds.x_train.shape[1]
-            mean, std = ds.mean, ds.std
+            mean, std = input_statistics(cfg, ds)
         self.augment = build_augmentation(
             cfg.augment,
             mean,
@@ -138,9 +138,10 @@ class Trainer:
             policy=cfg.autoaugment_policy,
             cutout_size=cfg.cutout_size,
             flip=cfg.hflip,
+            output_size=cfg.upscale_to,
         ).to(device)
         self.model = build_model(
-            cfg.model, num_classes, in_channels=in_channels, image_size=image_size, **cfg.model_kwargs
+            cfg.model, num_classes, in_channels=in_channels, image_size=cfg.upscale_to or image_size, **cfg.model_kwargs
         )
         self.finetuned = self._finetune(self.model)
         self.model.to(device)
