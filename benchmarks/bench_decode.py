@@ -10,10 +10,12 @@ existing ``<dir>/<class>/*.jpg`` folder, e.g. a copy of part of ImageNet), then 
 Variants: the training transform (Inception crop to 224 + flip) with a full decode, and with the JPEG decoded at
 1/2, 1/4 or 1/8 scale where the crop allows (``dct_scaling``: Pillow's ``draft``, simplejpeg's ``min_factor``);
 the evaluation transform (shorter side 256, central 224) likewise; each with Pillow and, where installed,
-simplejpeg. A pass over the folder warms the workers up (they are started once, ``persistent_workers``), then
-``--repeats`` timed passes; the figure is the median pass's images/s. Batches stay on the CPU. With 0 workers
-(decoding in this process) the CPU time per image is reported too: on a machine shared with other work it is the
-steadier figure, and cores / (CPU time per image) bounds what the workers can deliver.
+simplejpeg; and NVIDIA DALI's decoder (``decoder: dali``, where installed), whose "workers" are its decoding
+threads in this process (on ``--device cuda`` it decodes on the GPU, else its batches stay on the CPU too). A pass
+over the folder warms the workers up (they are started once, ``persistent_workers``), then ``--repeats`` timed
+passes; the figure is the median pass's images/s. With 0 workers (decoding in this process) and for DALI the CPU
+time per image is reported too: on a machine shared with other work it is the steadier figure, and cores / (CPU
+time per image) bounds what the workers can deliver.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sharpness.harness.data.dali_decode import DaliBatches, DaliEvalSpec, DaliTrainSpec
 from sharpness.harness.data.imagefolder import (
     EpochSampler,
     EvalTransform,
     ImageFolderDataset,
+    ImageList,
     ShardSampler,
     TrainTransform,
     make_loader,
@@ -84,6 +88,29 @@ def time_variant(
     return rates, cpu_ms
 
 
+def time_dali(
+    images: ImageList, train: bool, threads: int, batch: int, repeats: int, device: torch.device
+) -> tuple[list[float], list[float]]:
+    """As :func:`time_variant`, for DALI's decoder with ``threads`` decoding threads (in this process, so the CPU
+    time per image counts them)."""
+    n = len(images)
+    sampler = EpochSampler(n, batch, seed=0) if train else ShardSampler(n)
+    spec = DaliTrainSpec() if train else DaliEvalSpec()
+    batches = DaliBatches(images, sampler, spec, batch, device, max(1, threads))
+    rates, cpu_ms = [], []
+    for epoch in range(repeats + 1):
+        if train:
+            sampler.set_epoch(epoch)
+        start, cpu = time.perf_counter(), time.process_time()
+        count = sum(len(y) for _, y in batches)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if epoch:
+            rates.append(count / (time.perf_counter() - start))
+            cpu_ms.append(1e3 * (time.process_time() - cpu) / count)
+    return rates, cpu_ms
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=None, help="an existing <dir>/<class>/*.jpg folder")
@@ -92,11 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--decoders", nargs="+", default=["pillow", "simplejpeg"])
+    parser.add_argument("--decoders", nargs="+", default=["pillow", "simplejpeg", "dali"])
+    parser.add_argument("--device", default="cpu", help="where DALI decodes: cpu or cuda")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    decoders = [d for d in args.decoders if d != "simplejpeg" or importlib.util.find_spec("simplejpeg")]
+    optional = {"simplejpeg": "simplejpeg", "dali": "nvidia.dali"}
+    decoders = [d for d in args.decoders if d not in optional or _installed(optional[d])]
     info = run_info("bench_decode")
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir
@@ -107,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         images = read_split(root.parent, root.name)
         variants = []
         for decoder in decoders:
+            if decoder == "dali":
+                variants += [("train dali", True, decoder, None), ("eval  dali", False, decoder, None)]
+                continue
             for dct in (False, True):
                 variants.append(
                     (f"train {decoder}{' dct' if dct else ''}", True, decoder, TrainTransform(dct_scaling=dct))
@@ -120,12 +152,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'variant':24s} {'workers':>7s} {'images/s':>9s} {'min-max':>13s} {'CPU ms/image':>12s}")
         rows = []
         for name, train, decoder, transform in variants:
-            dataset = ImageFolderDataset(images, transform, seed=0, decoder=decoder)
             for workers in args.workers:
-                rates, cpu_ms = time_variant(dataset, train, workers, args.batch, args.repeats)
+                if decoder == "dali":  # threads in this process: its CPU time counts them at any number
+                    if workers == 0:
+                        continue
+                    rates, cpu_ms = time_dali(
+                        images, train, workers, args.batch, args.repeats, torch.device(args.device)
+                    )
+                else:
+                    dataset = ImageFolderDataset(images, transform, seed=0, decoder=decoder)
+                    rates, cpu_ms = time_variant(dataset, train, workers, args.batch, args.repeats)
                 row = {"variant": name, "workers": workers, "images_per_s": rates}
-                cpu = f"{statistics.median(cpu_ms):12.2f}" if workers == 0 else ""
-                if workers == 0:
+                in_process = workers == 0 or decoder == "dali"
+                cpu = f"{statistics.median(cpu_ms):12.2f}" if in_process else ""
+                if in_process:
                     row["cpu_ms_per_image"] = cpu_ms
                 rows.append(row)
                 spread = f"{min(rates):6.0f}-{max(rates):<6.0f}"
@@ -134,6 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         setup = {"images": len(images), "size": args.size, "mean_kb": kb, "batch": args.batch, "dir": str(args.dir)}
         args.json.write_text(json.dumps({**info, "setup": setup, "rows": rows}, indent=2) + "\n")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package (nvidia) is missing
+        return False
 
 
 if __name__ == "__main__":

@@ -31,3 +31,19 @@ def test_bench_decode_runs(tmp_path):
     ]
     assert all(len(row["images_per_s"]) == 1 for row in result["rows"])
     assert all("cpu_ms_per_image" in row for row in result["rows"] if row["workers"] == 0)
+
+
+def test_bench_decode_times_dali_threads(tmp_path):
+    out = tmp_path / "decode.json"
+    args = ["--images", "8", "--size", "64", "48", "--workers", "0", "2", "--batch", "4", "--repeats", "1"]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--decoders", "dali", "--json", str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["variant"], row["workers"]) for row in rows] == [("train dali", 2), ("eval  dali", 2)]
+    assert all(row["images_per_s"][0] > 0 and row["cpu_ms_per_image"][0] > 0 for row in rows)

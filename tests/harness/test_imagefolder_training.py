@@ -350,3 +350,44 @@ def test_two_ranks_stream_their_shares_and_evaluate_every_image_once(folder: Pat
     metrics = summary["metrics"]
     assert metrics["test_error"] == alone["error"] and metrics["test_top5_error"] == alone["top5_error"]
     assert metrics["test_loss"] == pytest.approx(alone["loss"], rel=1e-5)
+
+
+def test_decoder_dali_trains_and_a_crash_then_resume_is_bit_identical(
+    folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """decoder: dali (on the CPU here): the crops are the package's draws and DALI's decode is deterministic, so
+    a run killed after epoch 1 and resumed with another thread count ends as the uninterrupted run."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI has wheels for Linux only")  # the test extra has it
+    cfg = _config(tmp_path / "cfg.yaml", folder, decoder="dali", loader_workers=1, epochs=2)
+    reference = tmp_path / "reference"
+    assert main(["train", str(cfg), "--out", str(reference)]) == 0
+    original, count = Trainer._step, [0]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_4(self, *args):
+        count[0] += 1
+        if count[0] == 4:
+            raise Crash
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_step", crash_at_step_4)
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(load_config(str(cfg)), out, progress=False)
+    monkeypatch.setattr(Trainer, "_step", original)
+    train(load_config(str(cfg), ["loader_workers=2"]), out, resume=True, progress=False)
+    _assert_same_run(reference, out)
+
+
+def test_decoder_dali_without_dali_fails_in_one_line(folder: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    out = tmp_path / "run"
+    assert main(["train", str(_config(tmp_path / "cfg.yaml", folder, decoder="dali")), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "sharpness train: error: decoder 'dali' needs NVIDIA DALI: pip install 'sharpness[dali]' "
+        "(nvidia-dali-cuda120, Linux x86_64)\n"
+    )
+    assert not out.exists()

@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, RunDirExists, RunDirBusy, RunDirError, FileNotFoundError, ValueError) as exc:
         print(f"sharpness {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # an optional extra a config asks for (decoder: dali, .safetensors), in one line
+        print(f"sharpness {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # a file or network operation outside a run directory's own (theirs are RunDirError)
         message = str(exc) if exc.errno is None else describe_os_error(exc, "access")
         print(f"sharpness {args.command}: error: {message}", file=sys.stderr)

@@ -19,14 +19,16 @@ normalises (each replica also perturbs with its own share, m-sharpness).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from sharpness.harness.config import IMAGEFOLDER, ConfigError, TrainConfig
+from sharpness.harness.data.dali_decode import DaliBatches, DaliEvalSpec, DaliTrainSpec
 from sharpness.harness.data.imagefolder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -49,25 +51,25 @@ _WORKER_ERROR = re.compile(r"^\S*ImageReadError: (?P<message>.*)$", re.MULTILINE
 
 
 class StreamingData:
-    """Batches of an :class:`ImageList` decoded by a ``DataLoader``, moved to ``device`` (uint8 NCHW, int64).
+    """Batches of an :class:`ImageList` from ``loader`` (a ``DataLoader`` of :func:`make_loader`, or DALI's
+    :class:`~sharpness.harness.data.dali_decode.DaliBatches`), moved to ``device`` (uint8 NCHW, int64).
 
     With an :class:`EpochSampler` it serves :meth:`shuffled` training batches (``batch_size`` and ``seed`` must
     be the sampler's); with a :class:`ShardSampler` it serves :meth:`in_order` this rank's share of an evaluation
-    set (:attr:`per_rank`).
+    set (:attr:`per_rank`). ``loader`` iterates over ``sampler``'s current epoch.
     """
 
     def __init__(
         self,
         images: ImageList,
-        dataset: ImageFolderDataset,
         sampler: EpochSampler | ShardSampler,
         batch_size: int,
         device: torch.device,
-        workers: int,
+        loader: Iterable[tuple[Tensor, Tensor]] | DataLoader,
     ) -> None:
         self.images, self.sampler, self.batch_size, self.device = images, sampler, batch_size, device
         self.per_rank = isinstance(sampler, ShardSampler)
-        self.loader = make_loader(dataset, sampler, batch_size, workers=workers, pin_memory=device.type == "cuda")
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.images)
@@ -146,12 +148,31 @@ def prepare_imagefolder(config: TrainConfig, device: torch.device, shard: tuple[
         )
     rank, world = shard
     train_list, val_list = load_imagefolder(Path(config.data_dir).expanduser(), labels_file=config.labels_file)
-    train_set = ImageFolderDataset(
-        train_list, TrainTransform(config.image_size, flip=config.hflip), seed=config.seed, decoder=config.decoder
-    )
-    val_set = ImageFolderDataset(val_list, EvalTransform(config.image_size, config.eval_resize), decoder=config.decoder)
     sampler = EpochSampler(len(train_list), config.batch_size, config.seed, rank=rank, world_size=world)
-    train = StreamingData(train_list, train_set, sampler, sampler.local_batch_size, device, config.loader_workers)
     shards = ShardSampler(len(val_list), rank=rank, world_size=world)
-    test = StreamingData(val_list, val_set, shards, config.eval_batch_size, device, config.loader_workers)
+    local, workers = sampler.local_batch_size, config.loader_workers
+    if config.decoder == "dali":
+        train_loader: Iterable[tuple[Tensor, Tensor]] = DaliBatches(
+            train_list, sampler, DaliTrainSpec(config.image_size, config.seed, config.hflip), local, device, workers
+        )
+        test_loader: Iterable[tuple[Tensor, Tensor]] = DaliBatches(
+            val_list,
+            shards,
+            DaliEvalSpec(config.image_size, config.eval_resize),
+            config.eval_batch_size,
+            device,
+            workers,
+        )
+    else:
+        pin = device.type == "cuda"
+        train_set = ImageFolderDataset(
+            train_list, TrainTransform(config.image_size, flip=config.hflip), seed=config.seed, decoder=config.decoder
+        )
+        val_set = ImageFolderDataset(
+            val_list, EvalTransform(config.image_size, config.eval_resize), decoder=config.decoder
+        )
+        train_loader = make_loader(train_set, sampler, local, workers=workers, pin_memory=pin)
+        test_loader = make_loader(val_set, shards, config.eval_batch_size, workers=workers, pin_memory=pin)
+    train = StreamingData(train_list, sampler, local, device, train_loader)
+    test = StreamingData(val_list, shards, config.eval_batch_size, device, test_loader)
     return ImageFolderData(train, {"test": test}, train_list.classes)

@@ -66,6 +66,7 @@ __all__ = [
     "random_resized_crop_box",
     "TrainTransform",
     "EvalTransform",
+    "eval_geometry",
     "sample_rng",
     "ImageFolderDataset",
     "EpochSampler",
@@ -401,14 +402,20 @@ class EvalTransform:
         short = min(width, height)
         k = _dct_scale(short, self.resize) if self.dct_scaling else 1
         image = source.decode(k)
-        if width <= height:
-            new = (self.resize, int(self.resize * height / width))
-        else:
-            new = (int(self.resize * width / height), self.resize)
-        image = image.resize(new, Image.Resampling.BILINEAR)
-        left = int(round((new[0] - self.size) / 2))
-        top = int(round((new[1] - self.size) / 2))
+        new_width, new_height, left, top = eval_geometry(width, height, self.size, self.resize)
+        image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
         return _to_chw(image.crop((left, top, left + self.size, top + self.size)))
+
+
+def eval_geometry(width: int, height: int, size: int, resize: int) -> tuple[int, int, int, int]:
+    """``(new_width, new_height, left, top)`` of the evaluation transform: the image resized so that its shorter
+    side is ``resize`` (the longer in proportion, truncated), then the ``size`` x ``size`` crop at ``(left,
+    top)``, central (rounded half to even)."""
+    if width <= height:
+        new = (resize, int(resize * height / width))
+    else:
+        new = (int(resize * width / height), resize)
+    return new[0], new[1], int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
