@@ -3,7 +3,8 @@
 The in-memory data sets live on the device as one tensor (:class:`sharpness.harness.loader.DeviceData`); an image
 folder such as ImageNet does not fit there, so :class:`StreamingData` serves the same interface (``len``,
 ``num_batches``, ``shuffled``, ``in_order``) from a :func:`~sharpness.harness.data.imagefolder.make_loader`
-``DataLoader``. The trainer's loop does not tell them apart.
+``DataLoader`` (or, with ``decoder: dali``, from NVIDIA DALI's
+:class:`~sharpness.harness.data.dali_decode.DaliBatches`). The trainer's loop does not tell them apart.
 
 Training batches follow :class:`~sharpness.harness.data.imagefolder.EpochSampler`: the epoch's order is the
 permutation of (seed, epoch) that ``DeviceData`` uses, rank ``r`` takes its contiguous share of every global batch,
