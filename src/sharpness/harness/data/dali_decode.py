@@ -233,14 +233,12 @@ class DaliBatches:
             (out,) = pipe.run()
         except RuntimeError as err:
             raise _culprit(host.paths, err) from None
-        tensor = out.as_tensor()
-        if self.device.type == "cpu":
-            return torch.from_numpy(np.array(tensor))
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        tensor = out.as_tensor()
         images = torch.empty(tensor.shape(), dtype=torch.uint8, device=self.device)
-        feed_ndarray(tensor, images, cuda_stream=torch.cuda.current_stream(self.device))
-        return images
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        return feed_ndarray(tensor, images, cuda_stream=stream)
 
 
 def _culprit(paths: list[str], err: RuntimeError) -> ImageReadError:
