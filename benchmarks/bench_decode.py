@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,48 +68,44 @@ def write_folder(root: Path, images: int, size: tuple[int, int], classes: int = 
     return total / images / 1024
 
 
-def time_variant(
-    dataset: ImageFolderDataset, train: bool, workers: int, batch: int, repeats: int
+def time_passes(
+    batches: Any, sampler: EpochSampler | ShardSampler, repeats: int, device: torch.device | None = None
 ) -> tuple[list[float], list[float]]:
-    """images/s of each timed pass over ``dataset`` (after one untimed pass), and this process's CPU ms per
-    image in each (meaningful with 0 workers, where this process does the decoding)."""
-    n = len(dataset)
-    sampler = EpochSampler(n, batch, seed=0) if train else ShardSampler(n)
-    loader = make_loader(dataset, sampler, batch, workers=workers, prefetch_factor=2)
+    """images/s of each timed pass over ``batches`` (after one untimed pass; a training ``sampler`` moves to the
+    next epoch before each), and this process's CPU ms per image in each."""
     rates, cpu_ms = [], []
     for epoch in range(repeats + 1):
-        if train:
-            sampler.set_epoch(epoch)
-        start, cpu = time.perf_counter(), time.process_time()
-        count = sum(len(y) for _, y in loader)
-        if epoch:
-            rates.append(count / (time.perf_counter() - start))
-            cpu_ms.append(1e3 * (time.process_time() - cpu) / count)
-    del loader
-    return rates, cpu_ms
-
-
-def time_dali(
-    images: ImageList, train: bool, threads: int, batch: int, repeats: int, device: torch.device
-) -> tuple[list[float], list[float]]:
-    """As :func:`time_variant`, for DALI's decoder with ``threads`` decoding threads (in this process, so the CPU
-    time per image counts them)."""
-    n = len(images)
-    sampler = EpochSampler(n, batch, seed=0) if train else ShardSampler(n)
-    spec = DaliTrainSpec() if train else DaliEvalSpec()
-    batches = DaliBatches(images, sampler, spec, batch, device, max(1, threads))
-    rates, cpu_ms = [], []
-    for epoch in range(repeats + 1):
-        if train:
+        if isinstance(sampler, EpochSampler):
             sampler.set_epoch(epoch)
         start, cpu = time.perf_counter(), time.process_time()
         count = sum(len(y) for _, y in batches)
-        if device.type == "cuda":
+        if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
         if epoch:
             rates.append(count / (time.perf_counter() - start))
             cpu_ms.append(1e3 * (time.process_time() - cpu) / count)
     return rates, cpu_ms
+
+
+def time_variant(
+    dataset: ImageFolderDataset, train: bool, workers: int, batch: int, repeats: int
+) -> tuple[list[float], list[float]]:
+    """:func:`time_passes` of a ``DataLoader`` with ``workers`` processes (the CPU time is meaningful with 0
+    workers, where this process does the decoding)."""
+    n = len(dataset)
+    sampler = EpochSampler(n, batch, seed=0) if train else ShardSampler(n)
+    return time_passes(make_loader(dataset, sampler, batch, workers=workers, prefetch_factor=2), sampler, repeats)
+
+
+def time_dali(
+    images: ImageList, train: bool, threads: int, batch: int, repeats: int, device: torch.device
+) -> tuple[list[float], list[float]]:
+    """:func:`time_passes` of DALI's decoder with ``threads`` decoding threads (in this process, so the CPU time
+    per image counts them)."""
+    n = len(images)
+    sampler = EpochSampler(n, batch, seed=0) if train else ShardSampler(n)
+    spec = DaliTrainSpec() if train else DaliEvalSpec()
+    return time_passes(DaliBatches(images, sampler, spec, batch, device, max(1, threads)), sampler, repeats, device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,17 +11,22 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
 
 
-def test_bench_decode_runs(tmp_path):
-    out = tmp_path / "decode.json"
-    args = ["--images", "8", "--size", "64", "48", "--workers", "0", "1", "--batch", "4", "--repeats", "1"]
+def _run(out: Path, decoder: str, workers: str) -> subprocess.CompletedProcess:
+    args = ["--images", "8", "--size", "64", "48", "--workers", "0", workers, "--batch", "4", "--repeats", "1"]
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--decoders", "pillow", "--json", str(out)],
+        [sys.executable, str(SCRIPT), *args, "--decoders", decoder, "--json", str(out)],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_bench_decode_runs(tmp_path):
+    out = tmp_path / "decode.json"
+    done = _run(out, "pillow", "1")
     assert "images/s" in done.stdout and "CPU ms/image" in done.stdout
     result = json.loads(out.read_text())
     assert result["benchmark"] == "bench_decode" and result["setup"]["images"] == 8
@@ -35,15 +40,7 @@ def test_bench_decode_runs(tmp_path):
 
 def test_bench_decode_times_dali_threads(tmp_path):
     out = tmp_path / "decode.json"
-    args = ["--images", "8", "--size", "64", "48", "--workers", "0", "2", "--batch", "4", "--repeats", "1"]
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--decoders", "dali", "--json", str(out)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr
+    _run(out, "dali", "2")
     rows = json.loads(out.read_text())["rows"]
     assert [(row["variant"], row["workers"]) for row in rows] == [("train dali", 2), ("eval  dali", 2)]
     assert all(row["images_per_s"][0] > 0 and row["cpu_ms_per_image"][0] > 0 for row in rows)

@@ -5,6 +5,7 @@ epoch). The folders are tiny generated JPEGs and PNGs (32x24 pixels, cropped to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -284,27 +286,36 @@ def test_sigterm_mid_epoch_with_a_loader_worker_then_resume_is_bit_identical(
     _assert_same_run(reference, out)
 
 
+class _Crash(Exception):
+    """Stands in for a kill: nothing of the run's own code runs after it."""
+
+
+@contextlib.contextmanager
+def _crash_at_step(step: int, monkeypatch) -> Iterator[None]:
+    """Within the block, the trainer's ``step``-th step (1-based) raises :class:`_Crash`, which the block expects;
+    the trainer's step is restored after it."""
+    original, count = Trainer._step, [0]
+
+    def crashing(self, *args):
+        count[0] += 1
+        if count[0] == step:
+            raise _Crash
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_step", crashing)
+    with pytest.raises(_Crash):
+        yield
+    monkeypatch.setattr(Trainer, "_step", original)
+
+
 def test_a_crash_after_an_epoch_then_resume_is_bit_identical(dropout_reference, tmp_path: Path, monkeypatch) -> None:
     """As kill -9: nothing is saved after epoch 1's checkpoint; the resumed run starts epoch 2 afresh."""
     cfg, reference = dropout_reference
     monkeypatch.syspath_prepend(str(BYO_DIR))
-    original, count = Trainer._step, [0]
-
-    class Crash(Exception):
-        """Stands in for a kill: nothing of the run's own code runs after it."""
-
-    def crash_at_step_5(self, *args):
-        count[0] += 1
-        if count[0] == 5:
-            raise Crash
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_step", crash_at_step_5)
     out = tmp_path / "run"
-    with pytest.raises(Crash):
+    with _crash_at_step(5, monkeypatch):
         train(load_config(str(cfg), ["loader_workers=0"]), out, progress=False)
     assert (torch.load(out / "checkpoint.pt", weights_only=True)["epoch"], len(_metric_lines(out))) == (1, 1)
-    monkeypatch.setattr(Trainer, "_step", original)
     # The worker count may change on resume (rundir.MAY_CHANGE): batches and their order do not depend on it.
     train(load_config(str(cfg), ["loader_workers=2"]), out, resume=True, progress=False)
     _assert_same_run(reference, out)
@@ -361,22 +372,9 @@ def test_decoder_dali_trains_and_a_crash_then_resume_is_bit_identical(
     cfg = _config(tmp_path / "cfg.yaml", folder, decoder="dali", loader_workers=1, epochs=2)
     reference = tmp_path / "reference"
     assert main(["train", str(cfg), "--out", str(reference)]) == 0
-    original, count = Trainer._step, [0]
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_step_4(self, *args):
-        count[0] += 1
-        if count[0] == 4:
-            raise Crash
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_step", crash_at_step_4)
     out = tmp_path / "run"
-    with pytest.raises(Crash):
+    with _crash_at_step(4, monkeypatch):
         train(load_config(str(cfg)), out, progress=False)
-    monkeypatch.setattr(Trainer, "_step", original)
     train(load_config(str(cfg), ["loader_workers=2"]), out, resume=True, progress=False)
     _assert_same_run(reference, out)
 
