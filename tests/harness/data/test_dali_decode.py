@@ -3,7 +3,6 @@ grey levels of Pillow's, passes and resumes deterministic, unreadable files name
 
 from __future__ import annotations
 
-import platform
 import sys
 from pathlib import Path
 
@@ -26,12 +25,7 @@ from sharpness.harness.data.imagefolder import (
 CPU = torch.device("cpu")
 
 
-def test_dali_is_installed_where_the_test_extra_installs_it() -> None:
-    """The test extra installs DALI on Linux x86_64 (CI's platform), so the tests below never skip there."""
-    if sys.platform == "linux" and platform.machine() == "x86_64":
-        require_dali()
-
-
+# The test extra installs DALI on Linux x86_64, so this never skips there (test_dali_installed.py checks it).
 dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI has wheels for Linux x86_64 and aarch64 only")
 
 
