@@ -119,6 +119,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for k, r in enumerate(results):
         ax = fig.add_subplot(1, len(results), k + 1)
         top = r["rows"]["sgd"]["test_error"] + 8  # a diverged method would squash the others: drawn at the top
+        placed: list[tuple[float, float]] = []
         for method, row in r["rows"].items():
             error, off = min(row["test_error"], top), row["test_error"] > top
             ax.errorbar(
@@ -130,7 +131,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                 color="C3" if method in ("sgd", "sam") else "C0",
             )
             label = f"{method} ({row['test_error']:.1f}, off the scale)" if off else method
-            ax.annotate(label, (row["cost"], error), textcoords="offset points", xytext=(4, 3), fontsize=8)
+            near = sum(abs(row["cost"] - c) < 0.06 and abs(error - e) < 0.8 for c, e in placed)
+            placed.append((row["cost"], error))  # each label near an earlier point goes one line lower
+            ax.annotate(label, (row["cost"], error), textcoords="offset points", xytext=(4, 3 - 10 * near), fontsize=8)
         ax.set_xlabel("time per step relative to SGD")
         ax.set_ylabel("test error (%), mean and 95% CI")
         ax.set_title(Path(r["folder"]).name)
