@@ -110,7 +110,6 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str | Path | No
         raise ValueError(f"{weights}: not weights of this run's model ({first})") from exc
     model.to(dev).eval()
     mean, std = input_statistics(config, ds)
-    augment = build_augmentation("none", mean, std, image_size=ds.x_train.shape[1], output_size=config.upscale_to).to(
-        dev
-    )
+    augment = build_augmentation("none", mean, std, image_size=ds.x_train.shape[1], output_size=config.upscale_to)
+    augment.to(dev)
     return LoadedRun(run_dir, config, model, data, augment, dev, weights)

@@ -43,7 +43,7 @@ def folder(tmp_path_factory) -> Path:
         path = root / cls / f"{i}.{'png' if i % 4 == 3 else 'jpg'}"
         path.parent.mkdir(exist_ok=True)
         size = (64 + 8 * (i % 3), 48 + 4 * (i % 2))  # landscape and a few widths
-        _photo(i, size).save(path, quality=95) if path.suffix == ".jpg" else _photo(i, size).save(path)
+        _photo(i, size).save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
     return root
 
 

@@ -2,13 +2,14 @@
 
 The crops and flips are still this package's: for every key ``(epoch, index)`` of
 :class:`~sharpness.harness.data.imagefolder.EpochSampler` the Inception crop box and the flip are drawn from
-:func:`~sharpness.harness.data.imagefolder.sample_rng` exactly as the Pillow path draws them, and DALI is handed
-the file's bytes, the box and the flag. DALI decodes only the box (``decoders.image_slice``), resizes it to
-``image_size`` (bilinear, antialiased) and mirrors it; nothing is drawn from DALI's own generator. So, as with
-Pillow, neither the number of threads nor a resume changes which crops a run sees, and a resumed run is
-bit-identical to an uninterrupted one on the same device. The pixels are not Pillow's: DALI's resampling and the
-GPU's IDCT differ from Pillow's by a few grey levels (``tests/harness/data/test_dali_decode.py`` bounds the
-difference), so a run with ``decoder: dali`` is not bit-identical to one with ``decoder: pillow``.
+:func:`~sharpness.harness.data.imagefolder.sample_rng` by the Pillow path's own
+:meth:`~sharpness.harness.data.imagefolder.TrainTransform.draw`, and DALI is handed the file's bytes, the box and
+the flag. DALI decodes only the box (``decoders.image_slice``), resizes it to ``image_size`` (bilinear, antialiased)
+and mirrors it; nothing is drawn from DALI's own generator. So, as with Pillow, neither the number of threads nor a
+resume changes which crops a run sees, and a resumed run is bit-identical to an uninterrupted one on the same
+device. The pixels are not Pillow's: DALI's resampling and the GPU's IDCT differ from Pillow's (by about 0.2 grey
+levels on average on the CPU; ``tests/harness/data/test_dali_decode.py`` bounds the difference), so a run with
+``decoder: dali`` is not bit-identical to one with ``decoder: pillow``.
 
 Evaluation resizes the shorter side to ``eval_resize`` and takes the central ``image_size`` crop, with the sizes
 and offsets of :class:`~sharpness.harness.data.imagefolder.EvalTransform`
@@ -38,8 +39,8 @@ from sharpness.harness.data.imagefolder import (
     ImageList,
     ImageReadError,
     ShardSampler,
+    TrainTransform,
     eval_geometry,
-    random_resized_crop_box,
     sample_rng,
 )
 
@@ -133,15 +134,14 @@ def _pipeline(spec: DaliTrainSpec | DaliEvalSpec, batch_size: int, threads: int,
 
 @dataclass
 class _HostBatch:
-    """One batch on the host: the files' bytes and labels; for training each crop box's ``(left, top)`` and
-    ``(width, height)`` and flip, for evaluation the crop's ``(left, top)`` and the resized ``(width, height)``."""
+    """One batch on the host: the files' paths, bytes and labels, and the per-sample inputs of the pipeline's
+    other external sources by name (training: the crop box's ``anchor`` and ``shape`` and the ``mirror`` flag;
+    evaluation: the resized ``width`` and ``height`` and the crop's ``anchor``)."""
 
     paths: list[str]
     data: list[np.ndarray]
     labels: Tensor
-    anchors: list[np.ndarray]
-    shapes: list[np.ndarray]
-    mirrors: list[np.ndarray]
+    inputs: dict[str, list[np.ndarray]]
 
 
 class DaliBatches:
@@ -171,6 +171,8 @@ class DaliBatches:
         elif device.type != "cpu":
             raise ValueError(f"decoder 'dali' decodes on CUDA or the CPU, not on {device.type}")
         self._pipe = _pipeline(spec, batch_size, max(1, threads), device_id)
+        if isinstance(spec, DaliTrainSpec):
+            self._train = TrainTransform(spec.size, spec.scale, spec.ratio, spec.flip)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="dali-read")
 
     def __len__(self) -> int:
@@ -190,9 +192,10 @@ class DaliBatches:
             yield self._decode(host), host.labels.to(self.device, non_blocking=True)
 
     def _read(self, keys: list) -> _HostBatch:
-        """Files, labels and (training) crop boxes and flips of one batch, in this thread."""
+        """Files, labels and the per-sample pipeline inputs of one batch, in this thread."""
         train = isinstance(self.spec, DaliTrainSpec)
-        batch = _HostBatch([], [], torch.empty(len(keys), dtype=torch.int64), [], [], [])
+        names = ("anchor", "shape", "mirror") if train else ("width", "height", "anchor")
+        batch = _HostBatch([], [], torch.empty(len(keys), dtype=torch.int64), {name: [] for name in names})
         for slot, key in enumerate(keys):
             epoch, index = key if train else (None, key)
             path = self.images.path(index)
@@ -205,30 +208,22 @@ class DaliBatches:
             batch.paths.append(str(path))
             batch.data.append(data)
             batch.labels[slot] = int(self.images.labels[index])
-            if not train:
-                new_width, new_height, left, top = eval_geometry(width, height, self.spec.size, self.spec.resize)
-                batch.anchors.append(np.array([left, top], dtype=np.float32))
-                batch.shapes.append(np.array([new_width, new_height], dtype=np.float32))
+            if train:  # the Pillow path's draws, in its order
+                (left, top, w, h), mirror = self._train.draw(width, height, sample_rng(self.spec.seed, epoch, index))
+                values = ([left, top], [w, h], int(mirror))
             else:
-                spec = self.spec
-                rng = sample_rng(spec.seed, epoch, index)
-                left, top, w, h = random_resized_crop_box(width, height, rng, spec.scale, spec.ratio)
-                mirror = bool(rng.random() < 0.5)  # drawn even without flip, as TrainTransform does
-                batch.anchors.append(np.array([left, top], dtype=np.float32))
-                batch.shapes.append(np.array([w, h], dtype=np.float32))
-                batch.mirrors.append(np.array(int(spec.flip and mirror), dtype=np.int32))
+                new_width, new_height, left, top = eval_geometry(width, height, self.spec.size, self.spec.resize)
+                values = ([new_width], [new_height], [left, top])
+            for name, value in zip(names, values, strict=True):
+                dtype = np.int32 if name == "mirror" else np.float32
+                batch.inputs[name].append(np.array(value, dtype=dtype))
         return batch
 
     def _decode(self, host: _HostBatch) -> Tensor:
         pipe = self._pipe
         pipe.feed_input("data", host.data)
-        pipe.feed_input("anchor", host.anchors)
-        if isinstance(self.spec, DaliTrainSpec):
-            pipe.feed_input("shape", host.shapes)
-            pipe.feed_input("mirror", host.mirrors)
-        else:  # the resized size, as (width,) and (height,)
-            pipe.feed_input("width", [shape[:1].copy() for shape in host.shapes])
-            pipe.feed_input("height", [shape[1:].copy() for shape in host.shapes])
+        for name, values in host.inputs.items():
+            pipe.feed_input(name, values)
         try:
             (out,) = pipe.run()
         except RuntimeError as err:

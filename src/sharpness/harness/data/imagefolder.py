@@ -371,18 +371,25 @@ class TrainTransform:
     ) -> None:
         self.size, self.scale, self.ratio, self.flip, self.dct_scaling = size, scale, ratio, flip, dct_scaling
 
+    def draw(self, width: int, height: int, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box ``(left, top, width, height)`` of a ``width`` x ``height`` image and whether to mirror it,
+        in this order from ``rng`` (the flip is drawn even without ``flip``, so that it does not shift later draws);
+        the DALI path draws through this too."""
+        box = random_resized_crop_box(width, height, rng, self.scale, self.ratio)
+        mirror = bool(rng.random() < 0.5)
+        return box, self.flip and mirror
+
     def __call__(self, source: ImageSource, rng: np.random.Generator | None) -> Tensor:
         if rng is None:
             raise TypeError("the training transform is random: ask for samples by (epoch, index), see EpochSampler")
         width, height = source.size
-        left, top, w, h = random_resized_crop_box(width, height, rng, self.scale, self.ratio)
-        mirror = bool(rng.random() < 0.5)  # drawn even without flip, so that flip does not shift later draws
+        (left, top, w, h), mirror = self.draw(width, height, rng)
         k = _dct_scale(min(w, h), self.size) if self.dct_scaling else 1
         image = source.decode(k)
         sx, sy = image.size[0] / width, image.size[1] / height
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         out = image.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
-        if self.flip and mirror:
+        if mirror:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return _to_chw(out)
 
